@@ -1,0 +1,1 @@
+"""DDO inside FoundationVision/VAR's trainer (`python -m var_ext.train`)."""
