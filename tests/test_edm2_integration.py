@@ -34,17 +34,23 @@ def run(args, edm2_root, cwd, check=True):
     return proc
 
 
-def write_dataset(path, n=64, classes=CLASSES, res=RES, labels=True):
-    """Images whose colour depends on the class, with labels in dataset.json, as upstream dataset_tool writes."""
+def write_dataset(path, n=64, classes=CLASSES, res=RES, labels=True, latent=False):
+    """Images whose colour depends on the class, with labels in dataset.json, as upstream dataset_tool writes:
+    uint8 PNGs, or (latent) 8-channel float32 VAE mean/std moments in img-mean-std-*.npy."""
     import PIL.Image
     rng = np.random.RandomState(0)
     os.makedirs(path)
     entries = []
     for i in range(n):
-        colour = np.array([60.0, 30.0, 15.0]) * (1 + i % classes)
-        image = np.clip(rng.randn(res, res, 3) * 30 + colour, 0, 255).astype(np.uint8)
-        name = f'{i:05d}.png'
-        PIL.Image.fromarray(image, 'RGB').save(os.path.join(path, name))
+        if latent:
+            name = f'{i:05d}/img-mean-std-{i:08d}.npy'
+            moments = np.concatenate([rng.randn(4, res, res) * 3 + i % classes, np.full([4, res, res], 0.1)])
+            os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
+            np.save(os.path.join(path, name), moments.astype(np.float32))
+        else:
+            colour = np.array([60.0, 30.0, 15.0]) * (1 + i % classes)
+            name = f'{i:05d}.png'
+            PIL.Image.fromarray(np.clip(rng.randn(res, res, 3) * 30 + colour, 0, 255).astype(np.uint8), 'RGB').save(os.path.join(path, name))
         entries.append([name, i % classes])
     if labels:
         with open(os.path.join(path, 'dataset.json'), 'w') as f:
@@ -64,7 +70,7 @@ MLE_SCRIPT = textwrap.dedent('''
         training.training_loop.training_loop(run_dir=sys.argv[2], device=device, batch_size=16, total_nimg=1024,
             status_nimg=None, snapshot_nimg=1024, checkpoint_nimg=None,
             dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=sys.argv[1], use_labels=True),
-            encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
+            encoder_kwargs=dict(class_name=sys.argv[3]),
             data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
             network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2],
                                 num_blocks=1, attn_resolutions=[4]),
@@ -75,10 +81,12 @@ MLE_SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def pipeline(edm2_root, tmp_path_factory):
+    from ddo_patch import upstream
+    upstream.activate('edm2', edm2_root)  # the tests below unpickle upstream classes in-process
     root = tmp_path_factory.mktemp('edm2')
     p = dict(root=root, data=write_dataset(root / 'data'), mle=root / 'mle', ddo=str(root / 'ddo'))
     os.makedirs(p['mle'])
-    run(['-c', MLE_SCRIPT, p['data'], str(p['mle'])], edm2_root, root)
+    run(['-c', MLE_SCRIPT, p['data'], str(p['mle']), 'training.encoders.StandardRGBEncoder'], edm2_root, root)
     p['ref'] = str(p['mle'] / 'network-snapshot-0000001-0.100.pkl')
     p['fake'] = str(root / 'fake.zip')
     run(['-m', 'edm2_ext.generate', '--net', p['ref'], '--outdir', p['fake'], '--seeds', '0-63', '--batch', '32', '--steps', '4'], edm2_root, root)
@@ -97,9 +105,7 @@ def read_stats(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_generate_writes_a_class_balanced_edm2_dataset(pipeline, edm2_root):
-    from ddo_patch import upstream
-    upstream.activate('edm2', edm2_root)
+def test_generate_writes_a_class_balanced_edm2_dataset(pipeline):
     from training.dataset import ImageFolderDataset
     fake = ImageFolderDataset(path=pipeline['fake'])
     assert len(fake) == 64 and fake.image_shape == [3, RES, RES] and fake.label_dim == CLASSES
@@ -171,9 +177,7 @@ def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp
     assert sorted(os.listdir(tmp_path / 'png')) == ['000000.png', '000001.png']
 
 
-def test_reference_network_stays_frozen_while_the_target_learns(pipeline, edm2_root):
-    from ddo_patch import upstream
-    upstream.activate('edm2', edm2_root)
+def test_reference_network_stays_frozen_while_the_target_learns(pipeline):
     from edm2_ext.loss import DDOLoss
     from edm2_ext.network import ddo_network, load_snapshot
     from edm2_ext.platform import upstream_compatible
@@ -203,8 +207,6 @@ def test_reference_network_stays_frozen_while_the_target_learns(pipeline, edm2_r
 def test_evaluate_ranks_snapshots(pipeline, edm2_root, tmp_path):
     # Reference statistics of the reference model's own samples: the snapshot at kimg 0 is that model
     # (same seeds, same sampler), so it must come out best with FID ~ 0, and the trained ones worse.
-    from ddo_patch import upstream
-    upstream.activate('edm2', edm2_root)
     from training.dataset import ImageFolderDataset
     from edm2_tiny_detector import TinyDetector
     fake = ImageFolderDataset(path=pipeline['fake'])
@@ -219,6 +221,49 @@ def test_evaluate_ranks_snapshots(pipeline, edm2_root, tmp_path):
     fids = [r['fid'] for r in report['results']]
     assert abs(fids[0]) < 1e-3 and min(fids[1:]) > 1e-2
     assert report['best']['snapshot'] == 'network-snapshot-0000000-0.050.pkl'
+
+
+def test_two_processes_share_the_work(pipeline, edm2_root, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): upstream's DDP consistency check passes at the checkpoint and the
+    fake stream advances by the global batch."""
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'ddp')
+    args[args.index('--duration') + 1] = '1Ki'
+    proc = run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args, edm2_root, tmp_path)
+    assert 'world_size": 2' in proc.stdout
+    state = torch.load(os.path.join(out, 'training-state-0000001.pt'), map_location='cpu', weights_only=False)
+    assert state['loss_fn'] == {'fake_nimg': 1024} and state['state']['cur_nimg'] == 1024
+    first = next(row for row in read_stats(out) if 'Loss/loss' in row)
+    assert first['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)
+
+
+def test_latent_model_round_trip(edm2_root, tmp_path):
+    """The ImageNet-512 path: 8-channel VAE moments as data, a 4-channel latent net, fake latents stored as the
+    sampler returns them (no decode/encode), DDO on them. No VAE is needed: only encode_latents runs."""
+    data = write_dataset(tmp_path / 'latents', latent=True)
+    os.makedirs(tmp_path / 'mle')
+    run(['-c', MLE_SCRIPT, data, str(tmp_path / 'mle'), 'training.encoders.StabilityVAEEncoder'], edm2_root, tmp_path)
+    ref, fake = str(tmp_path / 'mle' / 'network-snapshot-0000001-0.100.pkl'), str(tmp_path / 'fake.zip')
+    run(['-m', 'edm2_ext.generate', '--net', ref, '--outdir', fake, '--seeds', '0-15', '--steps', '3'], edm2_root, tmp_path)
+
+    from ddo_patch import upstream
+    upstream.activate('edm2', edm2_root)
+    from training.dataset import ImageFolderDataset
+    from edm2_ext.generate import sample_latents
+    from edm2_ext.network import load_snapshot
+    stored = ImageFolderDataset(path=fake)[5][0]
+    net = load_snapshot(ref)['ema'].eval()
+    expected = sample_latents(net, [5], torch.device('cpu'), num_steps=3)[0].numpy()
+    assert stored.dtype == np.float32 and stored.shape == (4, RES, RES)
+    np.testing.assert_allclose(stored, expected, atol=1e-3)  # batch-size-level float noise only, no quantisation
+
+    out = str(tmp_path / 'ddo')
+    run(['-m', 'edm2_ext.train', '--outdir', out, '--data', data, '--ref', ref, '--fake', fake, '--ddo-alpha', str(ALPHA),
+         '--ddo-beta', str(BETA), '--batch', str(BATCH), '--duration', '1Ki', '--lr', '1e-3', '--rampup', '0',
+         '--status', str(BATCH), '--snapshot', '1Ki', '--checkpoint', '1Ki', '--workers', '0'], edm2_root, tmp_path)
+    assert os.path.isfile(os.path.join(out, 'network-snapshot-0000001-0.050.pkl'))
+    first = next(row for row in read_stats(out) if 'Loss/loss' in row)
+    assert first['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)
 
 
 def _bad_inputs(p):
