@@ -31,7 +31,7 @@ def _check_intervals(c, world_size):
     if c.batch_size % world_size:
         raise DDOPatchError(f'--batch {c.batch_size} is not divisible by the {world_size} processes')
     per_gpu = c.batch_size // world_size
-    if c.batch_gpu is not None and per_gpu % c.batch_gpu:
+    if c.batch_gpu is not None and c.batch_gpu < per_gpu and per_gpu % c.batch_gpu:
         raise DDOPatchError(f'--batch-gpu {c.batch_gpu} must divide the per-process batch {per_gpu}')
     for option, nimg, also_1024 in (('--duration', c.total_nimg, False), ('--slice', c.slice_nimg, False),
                                     ('--status', c.status_nimg, False), ('--snapshot', c.snapshot_nimg, True),
