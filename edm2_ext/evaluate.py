@@ -67,12 +67,13 @@ def feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler
     """{metric: (mu, sigma)} of this snapshot's class-balanced samples, over all ranks."""
     from torch_utils import distributed as dist
     from training.encoders import StandardRGBEncoder
-    from edm2_ext.generate import rank_batches, sample_latents
+    from edm2_ext.generate import rank_batches, sample_latents, warn_if_unbalanced
     from edm2_ext.network import load_snapshot
     snapshot = load_snapshot(snapshot_path)
     net = snapshot['ema'].eval().requires_grad_(False).to(device)
     encoder = snapshot.get('encoder') or StandardRGBEncoder()
     encoder.init(device)
+    warn_if_unbalanced(seeds, net.label_dim)
     sums = {m: [torch.zeros([d.feature_dim], dtype=torch.float64), torch.zeros([d.feature_dim] * 2, dtype=torch.float64)]
             for m, d in detectors.items()}
     batches = rank_batches(seeds, dist.get_rank(), dist.get_world_size(), batch)

@@ -35,6 +35,13 @@ def sample_name(seed: int, latent: bool) -> str:
     return f'{seed // 1000 * 1000:08d}/img{seed:08d}.' + ('npy' if latent else 'png')
 
 
+def warn_if_unbalanced(seeds, label_dim):
+    from torch_utils import distributed as dist
+    if label_dim > 0 and len(seeds) % label_dim:
+        dist.print0(f'warning: {len(seeds)} seeds are not a multiple of the {label_dim} classes; '
+                    f'the classes will be only nearly balanced (the paper found balance crucial)')
+
+
 def one_hot_labels(seeds, label_dim, device):
     """Class-balanced one-hot labels (None for an unconditional net)."""
     if label_dim == 0:
@@ -103,6 +110,7 @@ def generate_dataset(net_path, outdir, seeds, batch, device, **sampler_kwargs):
     net = snapshot['ema'].eval().requires_grad_(False).to(device)
     encoder = snapshot.get('encoder') or StandardRGBEncoder()
     latent = not isinstance(encoder, StandardRGBEncoder)
+    warn_if_unbalanced(seeds, net.label_dim)
     staging = f'{outdir}.partial' if is_zip else outdir
     todo = [[s for s in b if not os.path.isfile(os.path.join(staging, sample_name(s, latent)))]
             for b in rank_batches(seeds, dist.get_rank(), dist.get_world_size(), batch)]
