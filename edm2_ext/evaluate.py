@@ -8,7 +8,8 @@ decoded by the snapshot's encoder, and go through upstream `calculate_metrics` d
 for `fid`, DINOv2 for `fd_dinov2`) unless `--detector METRIC=MODULE:CLASS` names another one (any class
 with `feature_dim` and `__call__(uint8 NCHW) -> [N, feature_dim]`; the tests use a tiny offline one).
 Reference statistics are upstream's format: a pickle {metric: {mu, sigma}} (path or URL).
-The JSON at --dest lists every snapshot's metrics and names the best one by the first metric.
+The JSON at --dest lists every snapshot's metrics and names the best one by the first metric; it is
+rewritten after each snapshot, and a rerun with the same settings only evaluates snapshots not in it yet.
 """
 
 from __future__ import annotations
@@ -92,9 +93,29 @@ def feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler
     return stats
 
 
-def evaluate(net, ref, metrics, detector_overrides, seeds, batch, device, **sampler_kwargs) -> dict:
+def _previous_results(dest, settings) -> dict:
+    """Rows of an earlier report at `dest` made with the same settings, by snapshot file name."""
+    if not os.path.isfile(dest):
+        return {}
+    with open(dest) as f:
+        report = json.load(f)
+    return {row['snapshot']: row for row in report.get('results', [])} if report.get('settings') == settings else {}
+
+
+def _write_json(dest, report):
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f'{dest}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, dest)
+
+
+def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, **sampler_kwargs) -> dict:
+    """Evaluate every snapshot of `net`, writing `dest` after each one; snapshots already in `dest` with the
+    same settings are not evaluated again (rerun while training goes on, or after an interruption)."""
     import dnnlib
     from calculate_metrics import load_stats
+    from torch_utils import distributed as dist
     if len(seeds) < 2:
         raise DDOPatchError('--seeds must give at least two samples')
     detector_names = parse_detectors(metrics, detector_overrides)
@@ -106,22 +127,31 @@ def evaluate(net, ref, metrics, detector_overrides, seeds, batch, device, **samp
     if absent:
         raise DDOPatchError(f'--ref {ref} has no statistics for {", ".join(absent)} (it has {", ".join(ref_stats)})')
     snapshots = list_snapshots(net)
-    detectors = {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in detector_names.items()}
-    results = []
-    for path in tqdm.tqdm(snapshots, unit='snapshot', disable=torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
-        stats = feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
-        row = {'snapshot': os.path.basename(path)}
-        row.update({m: frechet_distance(*stats[m], ref_stats[m]['mu'], ref_stats[m]['sigma']) for m in metrics})
-        results.append(row)
-    best = min(results, key=lambda r: r[metrics[0]])
-    return dict(net=net, ref=ref, metrics=list(metrics), detectors=detector_names, num_samples=len(seeds),
-                sampler=sampler_kwargs, results=results, best=best)
+    settings = dict(ref=ref, metrics=list(metrics), detectors=detector_names, sampler=sampler_kwargs,
+                    seeds=f'{len(seeds)} seeds {seeds[0]}..{seeds[-1]}')
+    previous = _previous_results(dest, settings)
+    detectors = None
+    report = dict(net=net, settings=settings, results=[], best=None)
+    for path in snapshots:
+        row = previous.get(os.path.basename(path))
+        if row is None:
+            if detectors is None:
+                detectors = {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in detector_names.items()}
+            stats = feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
+            row = {'snapshot': os.path.basename(path)}
+            row.update({m: frechet_distance(*stats[m], ref_stats[m]['mu'], ref_stats[m]['sigma']) for m in metrics})
+            dist.print0('  '.join([row['snapshot']] + [f'{m} {row[m]:.4f}' for m in metrics]))
+        report['results'].append(row)
+        report['best'] = min(report['results'], key=lambda r: r[metrics[0]])
+        if dist.get_rank() == 0:
+            _write_json(dest, report)
+    return report
 
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110, show_default=True))
 @click.option('--net', metavar='PKL|DIR', required=True, help='A network snapshot, or a run directory: every snapshot in it.')
 @click.option('--ref', metavar='PKL|URL', required=True, help='Reference statistics of the data set (upstream calculate_metrics ref).')
-@click.option('--dest', metavar='JSON', required=True, help='Where to write every result and the best snapshot.')
+@click.option('--dest', metavar='JSON', required=True, help='Where to write every result and the best snapshot; rerun to add new snapshots.')
 @click.option('--metrics', metavar='LIST', default='fid', help='Comma-separated metrics; the first one picks the best snapshot.')
 @click.option('--detector', 'detector_overrides', metavar='METRIC=MODULE:CLASS', multiple=True, help='Use this feature detector for METRIC (repeatable).')
 @click.option('--seeds', metavar='LIST', type=options.SEEDS, default='0-49999', help='Sampling seeds; class of seed s = s % classes.')
@@ -135,17 +165,9 @@ def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps
     from edm2_ext.platform import device_for_this_rank, init_distributed
     device = device_for_this_rank()
     init_distributed(device)
-    report = evaluate(net, ref, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds, batch,
-                      device, num_steps=num_steps)
-    if dist.get_rank() == 0:
-        for row in report['results']:
-            print('  '.join([row['snapshot']] + [f'{m} {row[m]:.4f}' for m in report['metrics']]))
-        print(f'best: {report["best"]["snapshot"]}')
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        tmp = f'{dest}.tmp{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, dest)
+    report = evaluate(net, ref, dest, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds,
+                      batch, device, num_steps=num_steps)
+    dist.print0(f'best: {report["best"]["snapshot"]} -> {dest}')
 
 
 if __name__ == '__main__':

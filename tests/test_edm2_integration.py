@@ -214,13 +214,19 @@ def test_evaluate_ranks_snapshots(pipeline, edm2_root, tmp_path):
     with open(tmp_path / 'ref.pkl', 'wb') as f:
         pickle.dump({'fid': dict(mu=features.mean(0), sigma=np.cov(features, rowvar=False))}, f)
     dest = tmp_path / 'fid.json'
-    run(['-m', 'edm2_ext.evaluate', '--net', pipeline['ddo'], '--ref', str(tmp_path / 'ref.pkl'), '--dest', str(dest),
-         '--detector', 'fid=edm2_tiny_detector:TinyDetector', '--seeds', '0-63', '--batch', '32', '--steps', '4'], edm2_root, tmp_path)
+    args = ['-m', 'edm2_ext.evaluate', '--net', pipeline['ddo'], '--ref', str(tmp_path / 'ref.pkl'), '--dest', str(dest),
+            '--detector', 'fid=edm2_tiny_detector:TinyDetector', '--seeds', '0-63', '--batch', '32', '--steps', '4']
+    first_log = run(args, edm2_root, tmp_path).stdout
     report = json.loads(dest.read_text())
     assert [r['snapshot'] for r in report['results']] == [f'network-snapshot-{k:07d}-0.050.pkl' for k in (0, 1, 2)]
     fids = [r['fid'] for r in report['results']]
     assert abs(fids[0]) < 1e-3 and min(fids[1:]) > 1e-2
     assert report['best']['snapshot'] == 'network-snapshot-0000000-0.050.pkl'
+    assert first_log.count('network-snapshot-') >= 3
+
+    # A rerun with the same settings evaluates nothing again and reproduces the report.
+    second_log = run(args, edm2_root, tmp_path).stdout
+    assert 'fid ' not in second_log and json.loads(dest.read_text()) == report
 
 
 def test_two_processes_share_the_work(pipeline, edm2_root, tmp_path):
