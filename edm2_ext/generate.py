@@ -129,7 +129,7 @@ def generate_dataset(net_path, outdir, seeds, batch, device, **sampler_kwargs):
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110, show_default=True))
 @click.option('--net', 'net_path', metavar='PKL|URL', required=True, help='EDM2 network snapshot to sample (the DDO reference).')
-@click.option('--outdir', metavar='ZIP|DIR', required=True, help='EDM2 data set to write; a .zip is packed at the end.')
+@click.option('--outdir', metavar='ZIP|DIR', required=True, help='EDM2 data set to write; a .zip is packed at the end (an existing .zip is kept as is).')
 @click.option('--seeds', metavar='LIST', type=options.SEEDS, default='0-49999', help='Seeds, e.g. 0-49999; seed s gets class s % classes.')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Samples per process per sampler call.')
 @click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=32, help='EDM sampler steps (2*steps-1 evaluations).')

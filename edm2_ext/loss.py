@@ -72,8 +72,9 @@ class DDOLoss:
         terms = self.ddo.terms(trained, self.reference_net(images.device), images, fake_images, labels, fake_labels)
         training_stats.report('DDO/delta_real', terms.delta_real)
         training_stats.report('DDO/delta_fake', terms.delta_fake)
-        training_stats.report('DDO/accuracy_real', (terms.delta_real > 0).float())
-        training_stats.report('DDO/accuracy_fake', (terms.delta_fake < 0).float())
+        accuracy_real, accuracy_fake = terms.discriminator_accuracy()  # equal batches: the mean of means is the mean
+        training_stats.report('DDO/accuracy_real', accuracy_real)
+        training_stats.report('DDO/accuracy_fake', accuracy_fake)
         return terms.loss + 0 * trained.logvar.flatten()[:images.shape[0]]
 
     def reference_net(self, device):
