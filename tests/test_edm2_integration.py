@@ -2,7 +2,8 @@
 
 One module-scoped pipeline: a synthetic labelled data set in EDM2's format -> a short MLE run of the
 upstream training loop -> class-balanced reference samples (edm2_ext.generate) -> a DDO run
-(edm2_ext.train) stopped after half its duration and resumed -> evaluation of its snapshots. Entry
+(edm2_ext.train) stopped after half its duration (--slice) and resumed -> evaluation of its snapshots;
+and beside it: a SIGKILLed run resuming, two CPU ranks, the latent-model path, bad inputs. Entry
 points run as subprocesses, exactly as users run them, with one CPU thread each (much faster on a
 shared machine than torch's default).
 """
@@ -147,7 +148,7 @@ def test_first_step_loss_is_one_plus_alpha_log_2(pipeline):
     assert abs(first['DDO/delta_real']) < 1e-3 and abs(first['DDO/delta_fake']) < 1e-3
 
 
-def test_killed_run_resumes_from_the_latest_checkpoint(pipeline):
+def test_sliced_run_resumes_without_losing_or_repeating_steps(pipeline):
     log = pipeline['second_invocation'].stdout
     assert 'Loading' in log and 'training-state-0000001.pt' in log and 'Training from 1 kimg to 2 kimg' in log
     kimgs = [row['Progress/kimg'] for row in read_stats(pipeline['ddo']) if 'Loss/loss' in row]
@@ -155,6 +156,32 @@ def test_killed_run_resumes_from_the_latest_checkpoint(pipeline):
     state = torch.load(os.path.join(pipeline['ddo'], 'training-state-0000002.pt'), map_location='cpu', weights_only=False)
     assert state['loss_fn'] == {'fake_nimg': 2048}  # the fake stream resumed where it stopped, too
     assert state['state']['cur_nimg'] == 2048
+
+
+def test_sigkilled_run_resumes(pipeline, edm2_root, tmp_path):
+    """SIGKILL right after the first checkpoint, rerun the same command: training continues from it."""
+    import signal
+    import time
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'killed')
+    args[args.index('--duration') + 1] = '64Ki'  # far more than it gets to do before the kill
+    args[args.index('--slice') + 1] = '0'
+    env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root), PYTHONPATH=TESTS)
+    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(out, 'log.txt')
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(log) and 'training-state-0000001.pt ... done' in open(log).read():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 'training-state-0000001.pt' in os.listdir(out)
+    args[args.index('--slice') + 1] = '1Ki'  # the same command, limited to one more checkpoint interval
+    resumed = run(args, edm2_root, tmp_path).stdout
+    assert 'Training from 1 kimg to 2 kimg' in resumed
+    state = torch.load(os.path.join(out, 'training-state-0000002.pt'), map_location='cpu', weights_only=False)
+    assert state['state']['cur_nimg'] == 2048 and state['loss_fn'] == {'fake_nimg': 2048}
 
 
 def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path):
