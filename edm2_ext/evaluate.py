@@ -1,0 +1,174 @@
+"""Class-balanced FID (and FD_DINOv2) of one EDM2 snapshot or of every snapshot in a run directory.
+
+    torchrun --standalone --nproc_per_node=8 -m edm2_ext.evaluate --net=runs/round01 \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img64.pkl --dest=runs/round01/fid.json
+
+Samples come from `edm2_ext.generate.sample_latents` (upstream EDM sampler, class of seed s = s % classes),
+decoded by the snapshot's encoder, and go through upstream `calculate_metrics` detectors (Inception-v3
+for `fid`, DINOv2 for `fd_dinov2`) unless `--detector METRIC=MODULE:CLASS` names another one (any class
+with `feature_dim` and `__call__(uint8 NCHW) -> [N, feature_dim]`; the tests use a tiny offline one).
+Reference statistics are upstream's format: a pickle {metric: {mu, sigma}} (path or URL).
+The JSON at --dest lists every snapshot's metrics and names the best one by the first metric; it is
+rewritten after each snapshot, and a rerun with the same settings only evaluates snapshots not in it yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+from ddo_patch import upstream
+from ddo_patch.errors import DDOPatchError, exit_on_user_error
+from ddo_patch.metrics import frechet_distance
+from edm2_ext import options
+
+UPSTREAM_DETECTORS = {'fid': 'calculate_metrics.InceptionV3Detector', 'fd_dinov2': 'calculate_metrics.DINOv2Detector'}
+SNAPSHOT_PATTERN = re.compile(r'network-snapshot-(\d+)(-[\d.]+)?\.pkl')
+
+
+def list_snapshots(path: str) -> list:
+    """`path` itself, or the network snapshots in run directory `path` in training order."""
+    if not os.path.isdir(path):
+        return [path]
+    names = sorted((n for n in os.listdir(path) if SNAPSHOT_PATTERN.fullmatch(n)), key=lambda n: (int(SNAPSHOT_PATTERN.fullmatch(n).group(1)), n))
+    if not names:
+        raise DDOPatchError(f'no network-snapshot-*.pkl in {path}; give a snapshot or a run directory of edm2_ext.train')
+    return [os.path.join(path, n) for n in names]
+
+
+def parse_detectors(metrics, overrides) -> dict:
+    """{metric: 'module:Class' or upstream class name} from --metrics and --detector METRIC=MODULE:CLASS."""
+    detectors = {m: UPSTREAM_DETECTORS.get(m) for m in metrics}
+    for item in overrides:
+        metric, sep, target = item.partition('=')
+        if not sep or ':' not in target:
+            raise DDOPatchError(f'--detector {item}: write METRIC=MODULE:CLASS, e.g. fid=my_detectors:Inception')
+        detectors[metric] = target.replace(':', '.')
+    missing = [m for m, d in detectors.items() if d is None]
+    if missing:
+        raise DDOPatchError(f'no detector for {", ".join(missing)}; upstream offers {", ".join(UPSTREAM_DETECTORS)}, '
+                            f'or name one with --detector METRIC=MODULE:CLASS')
+    return detectors
+
+
+def _all_reduce(x):
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs) -> dict:
+    """{metric: (mu, sigma)} of this snapshot's class-balanced samples, over all ranks."""
+    from torch_utils import distributed as dist
+    from training.encoders import StandardRGBEncoder
+    from edm2_ext.generate import rank_batches, sample_latents, warn_if_unbalanced
+    from edm2_ext.network import load_snapshot
+    snapshot = load_snapshot(snapshot_path)
+    net = snapshot['ema'].eval().requires_grad_(False).to(device)
+    encoder = snapshot.get('encoder') or StandardRGBEncoder()
+    encoder.init(device)
+    warn_if_unbalanced(seeds, net.label_dim)
+    sums = {m: [torch.zeros([d.feature_dim], dtype=torch.float64), torch.zeros([d.feature_dim] * 2, dtype=torch.float64)]
+            for m, d in detectors.items()}
+    batches = rank_batches(seeds, dist.get_rank(), dist.get_world_size(), batch)
+    for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=dist.get_rank() != 0, leave=False):
+        images = encoder.decode(sample_latents(net, batch_seeds, device, **sampler_kwargs))
+        for metric, detector in detectors.items():
+            features = detector(images).to(torch.float64).cpu()
+            sums[metric][0] += features.sum(0)
+            sums[metric][1] += features.T @ features
+    n = len(seeds)
+    stats = {}
+    for metric, (total, outer) in sums.items():
+        total, outer = _all_reduce(total.to(device)).cpu(), _all_reduce(outer.to(device)).cpu()
+        mu = total / n
+        stats[metric] = (mu.numpy(), ((outer - torch.outer(mu, mu) * n) / (n - 1)).numpy())
+    return stats
+
+
+def _previous_results(dest, settings) -> dict:
+    """Rows of an earlier report at `dest` made with the same settings, by snapshot file name."""
+    if not os.path.isfile(dest):
+        return {}
+    with open(dest) as f:
+        report = json.load(f)
+    return {row['snapshot']: row for row in report.get('results', [])} if report.get('settings') == settings else {}
+
+
+def _write_json(dest, report):
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f'{dest}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, dest)
+
+
+def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, **sampler_kwargs) -> dict:
+    """Evaluate every snapshot of `net`, writing `dest` after each one; snapshots already in `dest` with the
+    same settings are not evaluated again (rerun while training goes on, or after an interruption)."""
+    import dnnlib
+    from calculate_metrics import load_stats
+    from torch_utils import distributed as dist
+    if len(seeds) < 2:
+        raise DDOPatchError('--seeds must give at least two samples')
+    detector_names = parse_detectors(metrics, detector_overrides)
+    try:
+        ref_stats = load_stats(ref, verbose=False)
+    except Exception as err:
+        raise DDOPatchError(f'--ref {ref} is not a reference-statistics pickle ({type(err).__name__}: {err})') from None
+    absent = [m for m in metrics if m not in ref_stats]
+    if absent:
+        raise DDOPatchError(f'--ref {ref} has no statistics for {", ".join(absent)} (it has {", ".join(ref_stats)})')
+    snapshots = list_snapshots(net)
+    settings = dict(ref=ref, metrics=list(metrics), detectors=detector_names, sampler=sampler_kwargs,
+                    seeds=f'{len(seeds)} seeds {seeds[0]}..{seeds[-1]}')
+    previous = _previous_results(dest, settings)
+    detectors = None
+    report = dict(net=net, settings=settings, results=[], best=None)
+    for path in snapshots:
+        row = previous.get(os.path.basename(path))
+        if row is None:
+            if detectors is None:
+                detectors = {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in detector_names.items()}
+            stats = feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
+            row = {'snapshot': os.path.basename(path)}
+            row.update({m: frechet_distance(*stats[m], ref_stats[m]['mu'], ref_stats[m]['sigma']) for m in metrics})
+            dist.print0('  '.join([row['snapshot']] + [f'{m} {row[m]:.4f}' for m in metrics]))
+        report['results'].append(row)
+        report['best'] = min(report['results'], key=lambda r: r[metrics[0]])
+        if dist.get_rank() == 0:
+            _write_json(dest, report)
+    return report
+
+
+@click.command(context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110, show_default=True))
+@click.option('--net', metavar='PKL|DIR', required=True, help='A network snapshot, or a run directory: every snapshot in it.')
+@click.option('--ref', metavar='PKL|URL', required=True, help='Reference statistics of the data set (upstream calculate_metrics ref).')
+@click.option('--dest', metavar='JSON', required=True, help='Where to write every result and the best snapshot; rerun to add new snapshots.')
+@click.option('--metrics', metavar='LIST', default='fid', help='Comma-separated metrics; the first one picks the best snapshot.')
+@click.option('--detector', 'detector_overrides', metavar='METRIC=MODULE:CLASS', multiple=True, help='Use this feature detector for METRIC (repeatable).')
+@click.option('--seeds', metavar='LIST', type=options.SEEDS, default='0-49999', help='Sampling seeds; class of seed s = s % classes.')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Samples per process per sampler call.')
+@click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=32, help='EDM sampler steps.')
+@options.edm2_root
+def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, edm2_root):
+    """Class-balanced FID of a snapshot or of every snapshot of a run; writes all results and the best one."""
+    upstream.activate('edm2', edm2_root)
+    from torch_utils import distributed as dist
+    from edm2_ext.platform import device_for_this_rank, init_distributed
+    device = device_for_this_rank()
+    init_distributed(device)
+    report = evaluate(net, ref, dest, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds,
+                      batch, device, num_steps=num_steps)
+    dist.print0(f'best: {report["best"]["snapshot"]} -> {dest}')
+
+
+if __name__ == '__main__':
+    exit_on_user_error(cmdline)()

@@ -1,0 +1,338 @@
+"""Integration tests against the real upstream EDM2 code at the pin, on the CPU, at 8x8 pixels.
+
+One module-scoped pipeline: a synthetic labelled data set in EDM2's format -> a short MLE run of the
+upstream training loop -> class-balanced reference samples (edm2_ext.generate) -> a DDO run
+(edm2_ext.train) stopped after half its duration (--slice) and resumed -> evaluation of its snapshots;
+and beside it: a SIGKILLed run resuming, two CPU ranks, the latent-model path, bad inputs. Entry
+points run as subprocesses, exactly as users run them, with one CPU thread each (much faster on a
+shared machine than torch's default).
+"""
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.upstream
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+CLASSES, RES, BATCH, ALPHA, BETA = 4, 8, 16, 2.0, 0.05
+
+
+def run(args, edm2_root, cwd, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root), PYTHONPATH=TESTS)
+    proc = subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def write_dataset(path, n=64, classes=CLASSES, res=RES, labels=True, latent=False):
+    """Images whose colour depends on the class, with labels in dataset.json, as upstream dataset_tool writes:
+    uint8 PNGs, or (latent) 8-channel float32 VAE mean/std moments in img-mean-std-*.npy."""
+    import PIL.Image
+    rng = np.random.RandomState(0)
+    os.makedirs(path)
+    entries = []
+    for i in range(n):
+        if latent:
+            name = f'{i:05d}/img-mean-std-{i:08d}.npy'
+            moments = np.concatenate([rng.randn(4, res, res) * 3 + i % classes, np.full([4, res, res], 0.1)])
+            os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
+            np.save(os.path.join(path, name), moments.astype(np.float32))
+        else:
+            colour = np.array([60.0, 30.0, 15.0]) * (1 + i % classes)
+            name = f'{i:05d}.png'
+            PIL.Image.fromarray(np.clip(rng.randn(res, res, 3) * 30 + colour, 0, 255).astype(np.uint8), 'RGB').save(os.path.join(path, name))
+        entries.append([name, i % classes])
+    if labels:
+        with open(os.path.join(path, 'dataset.json'), 'w') as f:
+            json.dump({'labels': entries}, f)
+    return str(path)
+
+
+MLE_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from ddo_patch import upstream
+    upstream.activate('edm2')
+    import training.training_loop
+    from edm2_ext.platform import init_distributed, upstream_compatible
+    device = torch.device('cpu')
+    init_distributed(device)
+    with upstream_compatible(device):
+        training.training_loop.training_loop(run_dir=sys.argv[2], device=device, batch_size=16, total_nimg=1024,
+            status_nimg=None, snapshot_nimg=1024, checkpoint_nimg=None,
+            dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=sys.argv[1], use_labels=True),
+            encoder_kwargs=dict(class_name=sys.argv[3]),
+            data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
+            network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2],
+                                num_blocks=1, attn_resolutions=[4]),
+            lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=0, rampup_Mimg=0),
+            ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.1]))
+''')
+
+
+@pytest.fixture(scope='module')
+def pipeline(edm2_root, tmp_path_factory):
+    from ddo_patch import upstream
+    upstream.activate('edm2', edm2_root)  # the tests below unpickle upstream classes in-process
+    root = tmp_path_factory.mktemp('edm2')
+    p = dict(root=root, data=write_dataset(root / 'data'), mle=root / 'mle', ddo=str(root / 'ddo'))
+    os.makedirs(p['mle'])
+    run(['-c', MLE_SCRIPT, p['data'], str(p['mle']), 'training.encoders.StandardRGBEncoder'], edm2_root, root)
+    p['ref'] = str(p['mle'] / 'network-snapshot-0000001-0.100.pkl')
+    p['fake'] = str(root / 'fake.zip')
+    run(['-m', 'edm2_ext.generate', '--net', p['ref'], '--outdir', p['fake'], '--seeds', '0-63', '--batch', '32', '--steps', '4'], edm2_root, root)
+    p['train_args'] = ['-m', 'edm2_ext.train', '--outdir', p['ddo'], '--data', p['data'], '--ref', p['ref'], '--fake', p['fake'],
+                       '--ddo-alpha', str(ALPHA), '--ddo-beta', str(BETA), '--batch', str(BATCH), '--duration', '2048',
+                       '--lr', '1e-3', '--rampup', '0', '--status', str(BATCH), '--snapshot', '1Ki', '--checkpoint', '1Ki',
+                       '--slice', '1Ki', '--workers', '0']
+    p['first_invocation'] = run(p['train_args'], edm2_root, root)
+    p['first_files'] = sorted(os.listdir(p['ddo']))
+    p['second_invocation'] = run(p['train_args'], edm2_root, root)
+    return p
+
+
+def read_stats(run_dir):
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_generate_writes_a_class_balanced_edm2_dataset(pipeline):
+    from training.dataset import ImageFolderDataset
+    fake = ImageFolderDataset(path=pipeline['fake'])
+    assert len(fake) == 64 and fake.image_shape == [3, RES, RES] and fake.label_dim == CLASSES
+    labels = [int(np.argmax(fake.get_label(i))) for i in range(len(fake))]
+    assert Counter(labels) == {c: 64 // CLASSES for c in range(CLASSES)}
+    assert fake[0][0].dtype == np.uint8
+    assert not os.path.exists(pipeline['fake'] + '.partial')
+
+
+def test_generate_resumes_without_redoing_finished_samples(pipeline, edm2_root, tmp_path):
+    out = str(tmp_path / 'fake')
+    run(['-m', 'edm2_ext.generate', '--net', pipeline['ref'], '--outdir', out, '--seeds', '0-7', '--steps', '2'], edm2_root, tmp_path)
+    first = os.path.join(out, '00000000', 'img00000003.png')
+    os.utime(first, (0, 0))  # a finished sample from the "interrupted" run
+    run(['-m', 'edm2_ext.generate', '--net', pipeline['ref'], '--outdir', out, '--seeds', '0-15', '--steps', '2'], edm2_root, tmp_path)
+    assert os.stat(first).st_mtime == 0
+    with open(os.path.join(out, 'dataset.json')) as f:
+        assert len(json.load(f)['labels']) == 16
+
+
+def test_ddo_run_writes_snapshots_stats_and_checkpoints(pipeline):
+    assert 'training-state-0000001.pt' in pipeline['first_files']
+    assert 'network-snapshot-0000002-0.050.pkl' not in pipeline['first_files']
+    files = os.listdir(pipeline['ddo'])
+    for kimg in (0, 1, 2):
+        assert f'network-snapshot-{kimg:07d}-0.050.pkl' in files
+    stats = read_stats(pipeline['ddo'])
+    trained = [row for row in stats if 'Loss/loss' in row]
+    assert len(trained) == 2048 // BATCH
+    for name in ('DDO/delta_real', 'DDO/delta_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake'):
+        assert all(math.isfinite(row[name]) for row in trained)
+    assert all(0 <= row['DDO/accuracy_fake'] <= 1 for row in trained)
+
+
+def test_first_step_loss_is_one_plus_alpha_log_2(pipeline):
+    first = next(row for row in read_stats(pipeline['ddo']) if 'Loss/loss' in row)
+    assert first['Progress/kimg'] == pytest.approx(BATCH / 1000)
+    assert first['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)  # theta = theta_ref: d = 1/2
+    assert abs(first['DDO/delta_real']) < 1e-3 and abs(first['DDO/delta_fake']) < 1e-3
+
+
+def test_sliced_run_resumes_without_losing_or_repeating_steps(pipeline):
+    log = pipeline['second_invocation'].stdout
+    assert 'Loading' in log and 'training-state-0000001.pt' in log and 'Training from 1 kimg to 2 kimg' in log
+    kimgs = [row['Progress/kimg'] for row in read_stats(pipeline['ddo']) if 'Loss/loss' in row]
+    assert kimgs == pytest.approx([BATCH * (i + 1) / 1000 for i in range(len(kimgs))])  # no step lost or repeated
+    state = torch.load(os.path.join(pipeline['ddo'], 'training-state-0000002.pt'), map_location='cpu', weights_only=False)
+    assert state['loss_fn'] == {'fake_nimg': 2048}  # the fake stream resumed where it stopped, too
+    assert state['state']['cur_nimg'] == 2048
+
+
+def test_sigkilled_run_resumes(pipeline, edm2_root, tmp_path):
+    """SIGKILL right after the first checkpoint, rerun the same command: training continues from it."""
+    import signal
+    import time
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'killed')
+    args[args.index('--duration') + 1] = '64Ki'  # far more than it gets to do before the kill
+    args[args.index('--slice') + 1] = '0'
+    env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root), PYTHONPATH=TESTS)
+    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(out, 'log.txt')
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(log) and 'training-state-0000001.pt ... done' in open(log).read():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 'training-state-0000001.pt' in os.listdir(out)
+    args[args.index('--slice') + 1] = '1Ki'  # the same command, limited to one more checkpoint interval
+    resumed = run(args, edm2_root, tmp_path).stdout
+    assert 'Training from 1 kimg to 2 kimg' in resumed
+    state = torch.load(os.path.join(out, 'training-state-0000002.pt'), map_location='cpu', weights_only=False)
+    assert state['state']['cur_nimg'] == 2048 and state['loss_fn'] == {'fake_nimg': 2048}
+
+
+def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path):
+    script = textwrap.dedent('''
+        import os, pickle, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        os.environ.update(MASTER_ADDR='localhost', MASTER_PORT='29517', RANK='0', WORLD_SIZE='1')
+        torch.distributed.init_process_group('gloo')
+        import generate_images
+        for _ in generate_images.generate_images(net=sys.argv[2], outdir=sys.argv[3], seeds=[0, 1], num_steps=2,
+                                                 device=torch.device('cpu'), verbose=False):
+            pass
+        with open(sys.argv[2], 'rb') as f:
+            print(type(pickle.load(f)['loss_fn']).__name__)
+        print(sorted(m for m in sys.modules if m.split('.')[0] in ('edm2_ext', 'ddo_patch')))
+    ''')
+    snapshot = os.path.join(pipeline['ddo'], 'network-snapshot-0000002-0.050.pkl')
+    out = run(['-c', script, str(edm2_root), snapshot, str(tmp_path / 'png')], edm2_root, tmp_path).stdout.split('\n')
+    assert out[:2] == ['EDM2Loss', '[]']  # an ordinary EDM2 snapshot, loaded without this package
+    assert sorted(os.listdir(tmp_path / 'png')) == ['000000.png', '000001.png']
+
+
+def test_reference_network_stays_frozen_while_the_target_learns(pipeline):
+    from edm2_ext.loss import DDOLoss
+    from edm2_ext.network import ddo_network, load_snapshot
+    from edm2_ext.platform import upstream_compatible
+    from training.dataset import ImageFolderDataset
+    torch.manual_seed(0)
+    snapshot_params = {k: v.float() for k, v in load_snapshot(pipeline['ref'])['ema'].state_dict().items()}
+    data = ImageFolderDataset(path=pipeline['data'])
+    images = torch.as_tensor(np.stack([data[i][0] for i in range(8)])).float() / 127.5 - 1
+    labels = torch.as_tensor(np.stack([data[i][1] for i in range(8)]))
+    net = ddo_network(pipeline['ref'], RES, 3, CLASSES).train().requires_grad_(True)  # as upstream's loop does
+    loss_fn = DDOLoss(ref=pipeline['ref'], fake=pipeline['fake'], alpha=ALPHA, beta=BETA)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    with upstream_compatible(torch.device('cpu')):
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss_fn(net, images, labels).mean().backward()
+            optimizer.step()
+    ref_net = loss_fn.reference_net(torch.device('cpu'))
+    assert not ref_net.training and not any(p.requires_grad for p in ref_net.parameters())
+    for name, value in ref_net.state_dict().items():
+        assert torch.equal(value, snapshot_params[name]), name
+    assert not torch.allclose(net.unet.out_gain, snapshot_params['unet.out_gain'])  # the target did learn
+    # EDM2's uncertainty head is outside DDO's objective: in the graph (DDP needs it) with exactly zero gradient.
+    assert net.logvar_linear.weight.grad is not None and not net.logvar_linear.weight.grad.any()
+
+
+def test_evaluate_ranks_snapshots(pipeline, edm2_root, tmp_path):
+    # Reference statistics of the reference model's own samples: the snapshot at kimg 0 is that model
+    # (same seeds, same sampler), so it must come out best with FID ~ 0, and the trained ones worse.
+    from training.dataset import ImageFolderDataset
+    from edm2_tiny_detector import TinyDetector
+    fake = ImageFolderDataset(path=pipeline['fake'])
+    features = TinyDetector()(torch.as_tensor(np.stack([fake[i][0] for i in range(len(fake))]))).numpy()
+    with open(tmp_path / 'ref.pkl', 'wb') as f:
+        pickle.dump({'fid': dict(mu=features.mean(0), sigma=np.cov(features, rowvar=False))}, f)
+    dest = tmp_path / 'fid.json'
+    args = ['-m', 'edm2_ext.evaluate', '--net', pipeline['ddo'], '--ref', str(tmp_path / 'ref.pkl'), '--dest', str(dest),
+            '--detector', 'fid=edm2_tiny_detector:TinyDetector', '--seeds', '0-63', '--batch', '32', '--steps', '4']
+    first_log = run(args, edm2_root, tmp_path).stdout
+    report = json.loads(dest.read_text())
+    assert [r['snapshot'] for r in report['results']] == [f'network-snapshot-{k:07d}-0.050.pkl' for k in (0, 1, 2)]
+    fids = [r['fid'] for r in report['results']]
+    assert abs(fids[0]) < 1e-3 and min(fids[1:]) > 1e-2
+    assert report['best']['snapshot'] == 'network-snapshot-0000000-0.050.pkl'
+    assert first_log.count('network-snapshot-') >= 3
+
+    # A rerun with the same settings evaluates nothing again and reproduces the report.
+    second_log = run(args, edm2_root, tmp_path).stdout
+    assert 'fid ' not in second_log and json.loads(dest.read_text()) == report
+
+
+def test_two_processes_share_the_work(pipeline, edm2_root, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): upstream's DDP consistency check passes at the checkpoint and the
+    fake stream advances by the global batch."""
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'ddp')
+    args[args.index('--duration') + 1] = '1Ki'
+    proc = run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args, edm2_root, tmp_path)
+    assert 'world_size": 2' in proc.stdout
+    state = torch.load(os.path.join(out, 'training-state-0000001.pt'), map_location='cpu', weights_only=False)
+    assert state['loss_fn'] == {'fake_nimg': 1024} and state['state']['cur_nimg'] == 1024
+    first = next(row for row in read_stats(out) if 'Loss/loss' in row)
+    assert first['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)
+
+
+def test_latent_model_round_trip(edm2_root, tmp_path):
+    """The ImageNet-512 path: 8-channel VAE moments as data, a 4-channel latent net, fake latents stored as the
+    sampler returns them (no decode/encode), DDO on them. No VAE is needed: only encode_latents runs."""
+    data = write_dataset(tmp_path / 'latents', latent=True)
+    os.makedirs(tmp_path / 'mle')
+    run(['-c', MLE_SCRIPT, data, str(tmp_path / 'mle'), 'training.encoders.StabilityVAEEncoder'], edm2_root, tmp_path)
+    ref, fake = str(tmp_path / 'mle' / 'network-snapshot-0000001-0.100.pkl'), str(tmp_path / 'fake.zip')
+    run(['-m', 'edm2_ext.generate', '--net', ref, '--outdir', fake, '--seeds', '0-15', '--steps', '3'], edm2_root, tmp_path)
+
+    from ddo_patch import upstream
+    upstream.activate('edm2', edm2_root)
+    from training.dataset import ImageFolderDataset
+    from edm2_ext.generate import sample_latents
+    from edm2_ext.network import load_snapshot
+    stored = ImageFolderDataset(path=fake)[5][0]
+    net = load_snapshot(ref)['ema'].eval()
+    expected = sample_latents(net, [5], torch.device('cpu'), num_steps=3)[0].numpy()
+    assert stored.dtype == np.float32 and stored.shape == (4, RES, RES)
+    np.testing.assert_allclose(stored, expected, atol=1e-3)  # batch-size-level float noise only, no quantisation
+
+    out = str(tmp_path / 'ddo')
+    run(['-m', 'edm2_ext.train', '--outdir', out, '--data', data, '--ref', ref, '--fake', fake, '--ddo-alpha', str(ALPHA),
+         '--ddo-beta', str(BETA), '--batch', str(BATCH), '--duration', '1Ki', '--lr', '1e-3', '--rampup', '0',
+         '--status', str(BATCH), '--snapshot', '1Ki', '--checkpoint', '1Ki', '--workers', '0'], edm2_root, tmp_path)
+    assert os.path.isfile(os.path.join(out, 'network-snapshot-0000001-0.050.pkl'))
+    first = next(row for row in read_stats(out) if 'Loss/loss' in row)
+    assert first['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)
+
+
+def _bad_inputs(p):
+    root = p['root']
+    if not (root / 'bad').exists():
+        os.makedirs(root / 'bad')
+        (root / 'bad' / 'not-a-snapshot.pkl').write_bytes(b'not a pickle')
+        write_dataset(root / 'bad' / 'fake16', n=8, res=16)
+        write_dataset(root / 'bad' / 'fake3classes', n=8, classes=3)
+        write_dataset(root / 'bad' / 'unlabelled', n=8, labels=False)
+        os.makedirs(root / 'bad' / 'empty-root')
+    bad = root / 'bad'
+    return {
+        'ref is not a snapshot': (['--ref', str(bad / 'not-a-snapshot.pkl')], 'not an EDM2 network snapshot'),
+        'fake resolution': (['--fake', str(bad / 'fake16')], '3x16x16'),
+        'fake label dim': (['--fake', str(bad / 'fake3classes')], '3 classes'),
+        'unlabelled fake': (['--fake', str(bad / 'unlabelled')], 'no labels'),
+        'data resolution': (['--data', str(bad / 'fake16')], 'use the data the network was trained on'),
+        'alpha < 0': (['--ddo-alpha', '-1'], 'alpha'),
+        'beta = 0': (['--ddo-beta', '0'], 'beta'),
+        'no upstream': (['--edm2-root', str(bad / 'empty-root')], 'not a edm2 checkout'),
+    }
+
+
+@pytest.mark.parametrize('case', ['ref is not a snapshot', 'fake resolution', 'fake label dim', 'unlabelled fake',
+                                  'data resolution', 'alpha < 0', 'beta = 0', 'no upstream'])
+def test_bad_input_is_one_line_and_writes_nothing(pipeline, edm2_root, tmp_path, case):
+    change, message = _bad_inputs(pipeline)[case]  # (option, value) replacing a good one
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = outdir = str(tmp_path / 'out')
+    option, value = change
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    proc = run(args, edm2_root, tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+    assert not os.path.exists(outdir)
