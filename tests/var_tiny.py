@@ -29,3 +29,32 @@ def tiny_checkpoints(root, directory):
     torch.save(vae.state_dict(), vae_path)
     torch.save(var.state_dict(), var_path)
     return vae_path, var_path
+
+
+def prototype_tokens(num_classes=TINY.num_classes, length=30, vocab=TINY.vae_vocab):
+    return torch.randint(vocab, (num_classes, length), generator=torch.Generator().manual_seed(1234))
+
+
+def draw_real_tokens(labels, generator, keep=0.8, vocab=TINY.vae_vocab):
+    """The synthetic 'data': each class's prototype sequence with 20 % of its tokens resampled uniformly."""
+    proto = prototype_tokens()[labels]
+    noise = torch.randint(vocab, proto.shape, generator=generator)
+    return torch.where(torch.rand(proto.shape, generator=generator) < keep, proto, noise)
+
+
+def token_dataset(resolution):
+    """`--dataset tests/var_tiny:token_dataset`: 128 tokenised samples of the synthetic distribution."""
+    labels = torch.arange(128) % TINY.num_classes
+    tokens = draw_real_tokens(labels, torch.Generator().manual_seed(5))
+    return torch.utils.data.TensorDataset(tokens, labels)
+
+
+def bad_label_dataset(resolution):
+    tokens, labels = token_dataset(resolution).tensors
+    return torch.utils.data.TensorDataset(tokens, labels + TINY.num_classes)
+
+
+def brightness(images, labels):
+    """A stand-in metric (lower is better): mean pixel value. Images arrive uint8 NHWC, class-balanced."""
+    assert images.dtype.name == 'uint8' and images.shape[1:] == (64, 64, 3) and len(images) == len(labels)
+    return float(images.mean())

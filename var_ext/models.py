@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,10 +50,20 @@ class VARConfig:
         return self.patch_nums[-1] * 16   # the VQVAE downsamples by 16 (ch_mult of length 5)
 
 
-def import_upstream(var_root=None):
-    """Put the VAR checkout on sys.path (locator order: --var-root, $VAR_ROOT, cache) and return its modules."""
-    upstream.activate('var', var_root)
-    return importlib.import_module('models')
+def import_upstream(var_root=None, module: str = 'models'):
+    """Put the VAR checkout on sys.path (locator order: --var-root, $VAR_ROOT, cache) and import `module`.
+
+    Upstream's `utils/arg_util.py` (imported by `trainer` and `utils.misc`) runs `git rev-parse HEAD` in
+    the working directory at import time and fails outside a git repository, so the import runs with the
+    checkout as working directory.
+    """
+    root = upstream.activate('var', var_root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return importlib.import_module(module)
+    finally:
+        os.chdir(cwd)
 
 
 @contextlib.contextmanager
