@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from var_ext import sampling
-from var_tiny import build_tiny
+from var_tiny import build_tiny, one_cpu_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.upstream
+pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 
 @pytest.fixture(scope='module')
