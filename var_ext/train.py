@@ -25,6 +25,7 @@ from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
 from var_ext import checkpoints, data, models
 from var_ext.evaluate import Evaluator
+from var_ext.options import add_model_options, barrier, init_distributed, load_pretrained
 from var_ext.trainer import build_optimizer, make_trainer
 
 AMP_MODES = {'fp32': 0, 'fp16': 1, 'bf16': 2}   # upstream's --fp16 values
@@ -33,16 +34,7 @@ AMP_MODES = {'fp32': 0, 'fp16': 1, 'bf16': 2}   # upstream's --fp16 values
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m var_ext.train', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group('models')
-    g.add_argument('--var-root', metavar='DIR', help='FoundationVision/VAR checkout (default: $VAR_ROOT, then the ddo-patch cache)')
-    g.add_argument('--ckpt', metavar='FILE', required=True, help='pretrained VAR state dict (e.g. var_d16.pth): the trained model and the frozen reference')
-    g.add_argument('--depth', metavar='INT', type=int, default=16, help='VAR depth; width = 64 * depth, as upstream (default: %(default)s)')
-    g.add_argument('--vae', metavar='FILE', default=checkpoints.OFFICIAL_VAE, help='VQVAE state dict, never downloaded (default: %(default)s)')
-    g.add_argument('--patch-nums', metavar='LIST', default='1_2_3_4_5_6_8_10_13_16', help='token pyramid, as upstream --pn (default: %(default)s)')
-    g.add_argument('--num-classes', metavar='INT', type=int, default=1000, help='number of classes (default: %(default)s)')
-    g.add_argument('--vae-vocab', metavar='INT', type=int, default=4096, help='VQVAE codebook size (default: %(default)s)')
-    g.add_argument('--vae-ch', metavar='INT', type=int, default=160, help='VQVAE base width (default: %(default)s)')
-    g.add_argument('--vae-z', metavar='INT', type=int, default=32, help='VQVAE latent channels (default: %(default)s)')
+    add_model_options(p)
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root with train/ and val/ (upstream pipeline; needs torchvision)')
     g.add_argument('--dataset', metavar='MODULE:FN', help='instead of --data: FN(resolution) -> dataset of (image or tokens, label)')
@@ -90,18 +82,6 @@ def validate(args, world_size):
         raise DDOPatchError('give --data (ImageFolder root) or --dataset module:function')
 
 
-def init_distributed():
-    """(rank, world_size, device) under torchrun (NCCL on CUDA, gloo on CPU), or (0, 1, device) alone."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    cuda = torch.cuda.is_available()
-    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0'))) if cuda else torch.device('cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not tdist.is_initialized():
-        tdist.init_process_group('nccl' if cuda else 'gloo')
-    return (tdist.get_rank() if world_size > 1 else 0), world_size, device
-
-
 def average_across_ranks(values: dict, world_size: int, device) -> dict:
     if world_size == 1:
         return values
@@ -112,12 +92,7 @@ def average_across_ranks(values: dict, world_size: int, device) -> dict:
 
 def build(args, device, world_size):
     """Models, optimiser and trainer; raises before anything is written if a file does not fit the flags."""
-    cfg = models.VARConfig(depth=args.depth, patch_nums=models.parse_patch_nums(args.patch_nums), num_classes=args.num_classes,
-                           vae_vocab=args.vae_vocab, vae_z_channels=args.vae_z, vae_ch=args.vae_ch)
-    flags = f'--depth {cfg.depth} --patch-nums {args.patch_nums} --num-classes {cfg.num_classes}'
-    vae, var = models.build(cfg, device, var_root=args.var_root)
-    checkpoints.load_vae(vae, args.vae, f'--vae-vocab {cfg.vae_vocab} --vae-ch {cfg.vae_ch} --vae-z {cfg.vae_z_channels}')
-    checkpoints.load_var(var, args.ckpt, flags)
+    cfg, vae, var = load_pretrained(args, device)
     ref = models.frozen_copy(var)
     var.train()
     ddp = var
@@ -240,8 +215,7 @@ def main(argv=None):
             run.save(trainer, iteration, best, also_best=improved)
     if done_here and iteration % args.eval_every and iteration != args.iterations:
         run.save(trainer, iteration, best)   # stopped early (--stop-after): keep what was done
-    if world_size > 1:
-        tdist.barrier()
+    barrier(world_size)
     return iteration
 
 
