@@ -87,3 +87,21 @@ def test_global_batch_must_split_over_ranks(files, tmp_path):
     args = train.parse_args(argv(files, tmp_path / 'run', '--global-batch', '10'))
     with pytest.raises(DDOPatchError, match='--global-batch 10 is not divisible by the world size 4'):
         train.validate(args, world_size=4)
+
+
+def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', '-m', 'var_ext.train',
+           *argv(files, tmp_path / 'ddp', '--iterations', '2', '--var-root', str(var_root), '--metric', 'var_tiny:brightness',
+                 '--eval-samples', '6', '--eval-cfg', '0')]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
+    assert [r['iteration'] for r in log] == [1, 2]   # one record per iteration: rank 0 writes, averaged over ranks
+    metrics = [json.loads(line) for line in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iteration'] for m in metrics] == [0, 2]
+    assert not any(p.name.startswith('eval-') for p in (tmp_path / 'ddp').iterdir())   # shards cleaned up
