@@ -21,6 +21,7 @@ import torch.distributed as tdist
 
 from ddo_patch.metrics import balanced_labels
 from var_ext import sampling
+from var_ext.options import barrier
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -67,7 +68,7 @@ class Evaluator:
                      seeds=np.array([s for p in parts for s in p[0]], dtype=np.int64),
                      labels=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),
                      images=np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 3), np.uint8))
-            _barrier(self.world_size)
+            barrier(self.world_size)
             score = [None]
             if self.rank == 0:
                 shards = [np.load(os.path.join(shard_dir, f'rank{r}.npz')) for r in range(self.world_size)]
@@ -80,8 +81,3 @@ class Evaluator:
                 tdist.broadcast_object_list(score, src=0)
             scores[f'cfg={cfg:g}'] = score[0]
         return scores
-
-
-def _barrier(world_size):
-    if world_size > 1:
-        tdist.barrier()

@@ -18,9 +18,8 @@ import copy
 import dataclasses
 import importlib
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
-import torch
 import torch.nn as nn
 
 from ddo_patch import upstream

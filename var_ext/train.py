@@ -192,10 +192,10 @@ def main(argv=None):
         wp_it = args.warmup * args.iterations
         _, lr, _, _ = lr_control.lr_wd_annealing(args.schedule, trainer.base.var_opt.optimizer, args.lr, args.wd, args.wd,
                                                  iteration, wp_it, args.iterations, wp0=args.wp0, wpe=args.wpe)
+        began = time.perf_counter()   # samples/s counts tokenising, reference sampling and the update
         labels = labels.to(device, non_blocking=True)
         x = images_or_tokens.to(device, non_blocking=True)
         real = data.split_scales(x, cfg.patch_nums) if not x.is_floating_point() else trainer.real_tokens(x)
-        began = time.perf_counter()
         log = trainer.step(labels, real, iteration)
         seconds = time.perf_counter() - began
         iteration, done_here = iteration + 1, done_here + 1
