@@ -50,12 +50,16 @@ def test_guidance_free_runs_the_conditional_rows_only(tiny):
     assert rows == [3] * 4 + [6] * 4   # upstream always runs 2B rows, also at cfg=0
 
 
-def test_guided_samples_equal_upstream_for_the_same_seed(tiny):
-    labels = torch.tensor([1, 2, 3, 4, 5, 6])
-    image_theirs = tiny.autoregressive_infer_cfg(B=6, label_B=labels, g_seed=123, cfg=2.0, top_k=20, top_p=0.9)
-    ours = sampling.sample(tiny, labels, cfg=2.0, top_k=20, top_p=0.9,
-                           generator=torch.Generator().manual_seed(123), decode=True)
-    torch.testing.assert_close(ours.images, image_theirs, atol=1e-5, rtol=0)
+def test_draws_follow_the_filtered_distribution_of_upstream():
+    from models.helpers import sample_with_top_k_top_p_
+    logits = torch.log(torch.tensor([[[0.02, 0.3, 0.05, 0.25, 0.2, 0.08, 0.06, 0.04]]])).expand(4000, 1, 8).contiguous()
+    filtered = sampling.filter_top_k_top_p(logits, top_k=5, top_p=0.8)
+    ours = sampling._draw(filtered, torch.Generator().manual_seed(0))
+    theirs = sample_with_top_k_top_p_(logits.clone(), top_k=5, top_p=0.8, rng=torch.Generator().manual_seed(0))[..., 0]
+    ours_freq, theirs_freq = (torch.bincount(t.flatten(), minlength=8).float() / 4000 for t in (ours, theirs))
+    assert set(ours.unique().tolist()) == set(theirs.unique().tolist()) == {1, 3, 4}   # the kept support
+    torch.testing.assert_close(ours_freq, filtered[0, 0].softmax(-1), atol=0.03, rtol=0)
+    torch.testing.assert_close(ours_freq, theirs_freq, atol=0.04, rtol=0)
 
 
 def test_guidance_weight_ramps_like_upstream():

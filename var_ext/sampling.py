@@ -10,9 +10,10 @@ over the scales, `t = cfg * si / (num_scales - 1)`. Two consequences:
 - at the pinned commit `cfg=1.0` is a *guided* sampler (t ramps from 0 to 1). NVlabs/DDO's README calls
   its `--cfg 1.0` guidance-free; in ddo-patch guidance-free is always `cfg=0`.
 
-With `cfg != 0` the computation is upstream's, formula and batch layout included, so for the same
-generator state the sampled tokens are upstream's. Tokens are returned per scale, as upstream's training
-code consumes them (`quantize.idxBl_to_var_input`), and are decoded to images only on request.
+With `cfg != 0` the logits are upstream's, formula and batch layout included. Tokens are drawn from the
+same distribution as upstream's (inverse-CDF instead of `torch.multinomial`, so not the same draws for a
+given generator state), returned per scale as upstream's training code consumes them
+(`quantize.idxBl_to_var_input`), and decoded to images only on request.
 """
 
 from __future__ import annotations
@@ -56,17 +57,21 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
 
 
 def _draw(logits: torch.Tensor, generators) -> torch.Tensor:
-    """One token per position from softmax(logits) [B, l, V] -> [B, l].
+    """One token per position from softmax(logits) [B, l, V] -> [B, l], by inverse-CDF sampling.
 
-    `generators` is None/one torch.Generator for the whole batch (upstream's scheme), or one generator per
-    sample, which makes each sample depend on its own seed only (batch composition, rank and resumption
-    do not change it).
+    One uniform per position, located in the cumulative distribution: the same distribution as upstream's
+    `torch.multinomial`, at a fraction of its CPU cost (multinomial was a quarter of a guidance-free
+    sampling pass on CPU). Tokens with probability 0 (top-k/top-p) are never drawn (`right=True` skips
+    empty intervals). `generators` is None/one torch.Generator for the batch, or one generator per sample,
+    which makes each sample depend on its own seed only (not on batch composition, rank or resumption).
     """
     batch, length, vocab = logits.shape
-    probs = logits.float().softmax(-1)
+    cdf = logits.float().softmax(-1).cumsum(-1)
     if generators is None or isinstance(generators, torch.Generator):
-        return torch.multinomial(probs.view(-1, vocab), 1, generator=generators).view(batch, length)
-    return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generators)])
+        u = torch.rand(batch, length, 1, generator=generators, device=logits.device)
+    else:
+        u = torch.stack([torch.rand(length, 1, generator=g, device=logits.device) for g in generators])
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_(max=vocab - 1)
 
 
 def per_sample_generators(seeds: Sequence[int], device) -> List[torch.Generator]:
