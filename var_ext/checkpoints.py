@@ -17,12 +17,16 @@ OFFICIAL_VAE = 'vae_ch160v4096z32.pth'
 _SHOWN_KEYS = 3   # how many mismatched keys an error names
 
 
-def read_state_dict(path, what: str) -> Dict[str, torch.Tensor]:
-    """A state dict from `path`; also accepts upstream's training checkpoints (`ar-ckpt-*.pth`)."""
+def require_file(path, what: str) -> None:
     if not os.path.isfile(path):
         hint = (f' (the official file is {OFFICIAL_VAE} from the VAR release; ddo-patch never downloads it)'
                 if what == 'VQVAE' else '')
         raise DDOPatchError(f'{what} file {path} not found{hint}; pass an existing file')
+
+
+def read_state_dict(path, what: str) -> Dict[str, torch.Tensor]:
+    """A state dict from `path`; also accepts upstream's training checkpoints (`ar-ckpt-*.pth`)."""
+    require_file(path, what)
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which and why, in one line

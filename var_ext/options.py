@@ -27,6 +27,8 @@ def add_model_options(parser):
 
 def load_pretrained(args, device):
     """(config, vqvae, var) with both weight files checked against the flags before loading strictly."""
+    checkpoints.require_file(args.vae, 'VQVAE')            # fail before building a large model
+    checkpoints.require_file(args.ckpt, 'VAR checkpoint')
     cfg = models.VARConfig(depth=args.depth, patch_nums=models.parse_patch_nums(args.patch_nums), num_classes=args.num_classes,
                            vae_vocab=args.vae_vocab, vae_z_channels=args.vae_z, vae_ch=args.vae_ch)
     vae, var = models.build(cfg, device, var_root=args.var_root)
