@@ -1,6 +1,7 @@
 """`python -m var_ext.train` end to end on CPU with a tiny random VQVAE + VAR and a tokenised synthetic dataset."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -46,6 +47,13 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     assert torch.load(run / 'training-state.pth', weights_only=False)['iteration'] == 3
 
 
+def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
+    assert train.main(argv(files, tmp_path / 'accum', '--iterations', '2', '--grad-accum', '2', '--label-drop', '0')) == 2
+    log = [json.loads(line) for line in (tmp_path / 'accum' / 'log.jsonl').read_text().splitlines()]
+    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4)   # theta = theta_ref, no label dropped
+    assert all(math.isfinite(r['grad_norm']) for r in log)
+
+
 def test_resume_continues_from_the_saved_iteration(files, tmp_path):
     common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3')
     assert train.main(argv(files, tmp_path / 'split', *common, '--stop-after', '3')) == 3
@@ -66,6 +74,7 @@ def test_resume_continues_from_the_saved_iteration(files, tmp_path):
     (('--dataset', 'var_tiny:bad_label_dataset'), 'class labels must lie in [0, 10)'),
     (('--ddo-alpha', '-1'), 'alpha must be a finite number >= 0'),
     (('--ddo-beta', '0'), 'beta must be a finite number > 0'),
+    (('--grad-accum', '3'), 'per-rank batch 8 does not split into --grad-accum 3'),
 ])
 def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import time
+import types
 
 import torch
 import torch.distributed as tdist
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     g = p.add_argument_group('optimisation (VAR\'s schedule)')
     g.add_argument('--iterations', metavar='INT', type=int, default=80, help='iterations in this round (default: %(default)s)')
     g.add_argument('--global-batch', metavar='INT', type=int, default=1024, help='real samples per iteration over all ranks; as many fakes are drawn (default: %(default)s)')
+    g.add_argument('--grad-accum', metavar='INT', type=int, default=1, help='micro-batches per rank and update, to save memory; same update (default: %(default)s)')
     g.add_argument('--lr', metavar='FLOAT', type=float, default=4e-6, help='peak learning rate, used as is (not scaled by batch) (default: %(default)s)')
     g.add_argument('--schedule', metavar='NAME', default='lin0', help='upstream lr schedule (lin0, cos, lin, ...) (default: %(default)s)')
     g.add_argument('--warmup', metavar='FRAC', type=float, default=0.02, help='warm-up as a fraction of --iterations, as upstream wp = ep/50 (default: %(default)s)')
@@ -74,6 +76,9 @@ def validate(args, world_size):
     if args.global_batch < 1 or args.global_batch % world_size:
         raise DDOPatchError(f'--global-batch {args.global_batch} is not divisible by the world size {world_size}; '
                             f'use a multiple of {world_size}')
+    if args.grad_accum < 1 or (args.global_batch // world_size) % args.grad_accum:
+        raise DDOPatchError(f'the per-rank batch {args.global_batch // world_size} does not split into --grad-accum '
+                            f'{args.grad_accum} equal micro-batches')
     if args.iterations < 2:
         raise DDOPatchError(f'--iterations must be >= 2 (upstream\'s schedule divides by iterations - 1), got {args.iterations}')
     if args.eval_every < 1 or args.log_every < 1:
@@ -90,6 +95,18 @@ def average_across_ranks(values: dict, world_size: int, device) -> dict:
     return dict(zip(values, (packed / world_size).tolist()))
 
 
+def merge_micro_logs(logs):
+    """Means over micro-batches, summed times, the gradient norm of the (last) stepping micro-batch."""
+    def mean(values):   # acc_fake is NaN on a micro-batch whose labels were all dropped
+        finite = [v for v in values if v == v]
+        return sum(finite) / len(finite) if finite else float('nan')
+    merged = {k: mean([getattr(log, k) for log in logs]) for k in vars(logs[0])}
+    for k in ('seconds_generate', 'seconds_train'):
+        merged[k] *= len(logs)
+    merged['grad_norm'] = logs[-1].grad_norm
+    return types.SimpleNamespace(**merged)
+
+
 def build(args, device, world_size):
     """Models, optimiser and trainer; raises before anything is written if a file does not fit the flags."""
     cfg, vae, var = load_pretrained(args, device)
@@ -100,7 +117,8 @@ def build(args, device, world_size):
         ddp = torch.nn.parallel.DistributedDataParallel(var, device_ids=[device.index] if device.type == 'cuda' else None,
                                                         broadcast_buffers=False)
     amp = AMP_MODES[args.amp] if device.type == 'cuda' else 0
-    opt = build_optimizer(var, lr=args.lr, weight_decay=args.wd, grad_clip=args.grad_clip, mixed_precision=amp, var_root=args.var_root)
+    opt = build_optimizer(var, lr=args.lr, weight_decay=args.wd, grad_clip=args.grad_clip, mixed_precision=amp,
+                          grad_accum=args.grad_accum, var_root=args.var_root)
     rank = tdist.get_rank() if world_size > 1 else 0
     return cfg, make_trainer(vae, var, ref, ddp, opt, args.ddo_alpha, args.ddo_beta, args.label_drop,
                              seed=args.seed, rank=rank, var_root=args.var_root)
@@ -196,7 +214,10 @@ def main(argv=None):
         labels = labels.to(device, non_blocking=True)
         x = images_or_tokens.to(device, non_blocking=True)
         real = data.split_scales(x, cfg.patch_nums) if not x.is_floating_point() else trainer.real_tokens(x)
-        log = trainer.step(labels, real, iteration)
+        micro_logs = []
+        for micro, (micro_labels, *micro_real) in enumerate(zip(labels.chunk(args.grad_accum), *(r.chunk(args.grad_accum) for r in real))):
+            micro_logs.append(trainer.step(micro_labels, micro_real, iteration, micro, stepping=micro == args.grad_accum - 1))
+        log = merge_micro_logs(micro_logs)
         seconds = time.perf_counter() - began
         iteration, done_here = iteration + 1, done_here + 1
         if iteration % args.log_every == 0 or iteration == args.iterations:

@@ -51,17 +51,19 @@ def parameter_groups(var_wo_ddp):
     return names, params, [g for g in groups if g['params']]
 
 
-def build_optimizer(var_wo_ddp, lr: float, weight_decay: float, grad_clip: float, mixed_precision: int, var_root=None):
+def build_optimizer(var_wo_ddp, lr: float, weight_decay: float, grad_clip: float, mixed_precision: int,
+                    grad_accum: int = 1, var_root=None):
     """Upstream's AdamW(0.9, 0.95) over upstream's parameter groups, in upstream's `AmpOptimizer`.
 
     mixed_precision: 0 = fp32, 1 = fp16 (with loss scaling), 2 = bf16 (VAR's `--fp16` convention).
+    grad_accum: micro-batches per update; AmpOptimizer divides each micro-batch loss by it.
     """
     amp_sc = import_upstream(var_root, 'utils.amp_sc')
     names, params, groups = parameter_groups(var_wo_ddp)
     fused = next(var_wo_ddp.parameters()).is_cuda
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
     return amp_sc.AmpOptimizer(mixed_precision=mixed_precision, optimizer=optimizer, names=names, paras=params,
-                               grad_clip=grad_clip)
+                               grad_clip=grad_clip, n_gradient_accumulation=grad_accum)
 
 
 @dataclasses.dataclass
@@ -131,15 +133,17 @@ class DDOTrainer:
         terms = autoregressive_ddo_terms(logp[:batch], ref_logp[:batch], logp[batch:], ref_logp[batch:], alpha, self.beta)
         return terms.loss.mean(), terms
 
-    def step(self, labels: torch.Tensor, real_tokens, iteration: int, stepping: bool = True) -> StepLog:
-        """One DDO update from a real batch given as labels [B] and token indices per scale.
+    def step(self, labels: torch.Tensor, real_tokens, iteration: int, micro: int = 0, stepping: bool = True) -> StepLog:
+        """One DDO update (or, with stepping=False, one accumulated micro-batch) from a real batch given as
+        labels [B] and token indices per scale.
 
-        The reference samples and the dropout mask depend on (seed, rank, iteration) only, so a resumed
-        run draws what an uninterrupted one would have drawn.
+        The reference samples and the dropout mask depend on (seed, rank, iteration, micro) only, so a
+        resumed run draws what an uninterrupted one would have drawn.
         """
         self.check_labels(labels)
         sync = torch.cuda.synchronize if self.device.type == 'cuda' else (lambda: None)
-        self.generator.manual_seed(((self.seed * 100_003 + self.rank) * 1_000_003 + iteration) % 2 ** 63)
+        self.generator.manual_seed((((self.seed * 100_003 + self.rank) * 1_000_003 + iteration) * 1009 + micro) % 2 ** 63)
+        self.base.var.require_backward_grad_sync = stepping   # DDP all-reduces on the last micro-batch only
         start = time.perf_counter()
         fake_tokens = self.reference_tokens(labels)
         sync()
