@@ -47,6 +47,14 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     assert torch.load(run / 'training-state.pth', weights_only=False)['iteration'] == 3
 
 
+def test_images_are_tokenised_through_the_vqvae(files, tmp_path):
+    args = argv(files, tmp_path / 'images', '--iterations', '2', '--label-drop', '0')
+    args[args.index('var_tiny:token_dataset')] = 'var_tiny:image_dataset'
+    assert train.main(args) == 2
+    log = [json.loads(line) for line in (tmp_path / 'images' / 'log.jsonl').read_text().splitlines()]
+    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4) and log[1]['delta_real'] != 0
+
+
 def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
     assert train.main(argv(files, tmp_path / 'accum', '--iterations', '2', '--grad-accum', '2', '--label-drop', '0')) == 2
     log = [json.loads(line) for line in (tmp_path / 'accum' / 'log.jsonl').read_text().splitlines()]

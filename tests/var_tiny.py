@@ -68,3 +68,9 @@ def brightness(images, labels):
     """A stand-in metric (lower is better): mean pixel value. Images arrive uint8 NHWC, class-balanced."""
     assert images.dtype.name == 'uint8' and images.shape[1:] == (64, 64, 3) and len(images) == len(labels)
     return float(images.mean())
+
+
+def image_dataset(resolution):
+    """`--dataset var_tiny:image_dataset`: 16 random images in [-1, 1], tokenised by the VQVAE during training."""
+    images = torch.rand(16, 3, resolution, resolution, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    return torch.utils.data.TensorDataset(images, torch.arange(16) % TINY.num_classes)
