@@ -1,0 +1,72 @@
+"""Guidance-free sampling throughput: var_ext.sampling.sample(cfg=0) against upstream's
+VAR.autoregressive_infer_cfg(cfg=0) on the same randomly initialised model, interleaved in one run.
+
+    python benchmarks/sampler_speed.py                       # CPU-sized defaults
+    python benchmarks/sampler_speed.py --depth 16 --batch 64 # VAR-d16 on a GPU
+
+Upstream always runs the unconditional half of the batch, even at cfg=0, and always decodes to images.
+"tokens" times token generation only (upstream's final VQVAE decode is stubbed out for that row);
+"images" includes the decode on both sides.
+"""
+
+import argparse
+import statistics
+import time
+import unittest.mock
+
+import torch
+
+from var_bench_models import add_size_options, describe, random_models
+from var_ext import sampling
+
+
+def timed(fn, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_size_options(parser, depth=6, batch=8)
+    parser.add_argument('--amp', choices=['fp32', 'bf16', 'fp16'], default='bf16', help='autocast dtype on CUDA (default: %(default)s)')
+    args = parser.parse_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    cfg, vae, var = random_models(args, device)
+    var.eval()
+    labels = torch.arange(args.batch, device=device) % cfg.num_classes
+    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
+    amp = torch.autocast('cuda', dtype=dtype, enabled=device.type == 'cuda' and dtype is not None)
+    no_decode = unittest.mock.patch.object(vae, 'fhat_to_img', lambda f_hat: f_hat)   # only inside this benchmark
+    runs = {
+        ('tokens', 'ours'): lambda: sampling.sample(var, labels, cfg=0),
+        ('tokens', 'upstream'): lambda: var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=0),
+        ('images', 'ours'): lambda: sampling.sample(var, labels, cfg=0, decode=True),
+        ('images', 'upstream'): lambda: var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=0),
+    }
+    times = {key: [] for key in runs}
+    with torch.no_grad(), amp:
+        for repeat in range(args.repeats + 1):            # the first round warms up and is discarded
+            for key, fn in runs.items():
+                if key == ('tokens', 'upstream'):
+                    with no_decode:
+                        seconds = timed(fn, device)
+                else:
+                    seconds = timed(fn, device)
+                if repeat:
+                    times[key].append(seconds)
+    tokens_per_batch = args.batch * sum(pn * pn for pn in cfg.patch_nums)
+    print(f'device: {describe(device)}; VAR depth {args.depth} ({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M params), '
+          f'batch {args.batch}, patch_nums {args.patch_nums}, median of {args.repeats}')
+    for what in ('tokens', 'images'):
+        ours, theirs = (statistics.median(times[(what, who)]) for who in ('ours', 'upstream'))
+        print(f'{what:>6}: ours {tokens_per_batch / ours:10.1f} tokens/s ({ours:.3f} s)   upstream cfg=0 '
+              f'{tokens_per_batch / theirs:10.1f} tokens/s ({theirs:.3f} s)   speed-up {theirs / ours:.2f}x')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,124 @@
+"""`python -m var_ext.train` end to end on CPU with a tiny random VQVAE + VAR and a tokenised synthetic dataset."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ddo_patch.errors import DDOPatchError
+from var_ext import models, train
+from var_tiny import TINY, one_cpu_thread, tiny_checkpoints  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
+
+
+@pytest.fixture(scope='module')
+def files(var_root, tmp_path_factory):
+    return tiny_checkpoints(str(var_root), str(tmp_path_factory.mktemp('tiny')))
+
+
+def argv(files, outdir, *extra):
+    vae, ckpt = files
+    return ['--ckpt', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
+            '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--dataset', 'var_tiny:token_dataset',
+            '--workers', '0', '--global-batch', '8', '--outdir', str(outdir), *extra]
+
+
+def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root):
+    assert train.main(argv(files, tmp_path / 'run', '--iterations', '3', '--eval-every', '2', '--eval-samples', '10',
+                           '--metric', 'var_tiny:brightness', '--eval-cfg', '1.5')) == 3
+    run = tmp_path / 'run'
+    log = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
+    assert [r['iteration'] for r in log] == [1, 2, 3]
+    for key in ('loss', 'loss_real', 'loss_fake', 'acc_real', 'acc_fake', 'samples_per_s', 'lr', 'seconds_generate'):
+        assert all(key in r for r in log)
+    metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
+    # a fresh upstream VAR (upstream's own builder) takes both checkpoints with strict=True
+    upstream_models = models.import_upstream(var_root)
+    with models.upstream_initialisation_disabled():
+        _, fresh = upstream_models.build_vae_var(device='cpu', patch_nums=TINY.patch_nums, V=64, Cvae=8, ch=32,
+                                                 num_classes=10, depth=2, shared_aln=False, attn_l2_norm=True)
+    for name in ('var-ddo-last.pth', 'var-ddo-best.pth'):
+        fresh.load_state_dict(torch.load(run / name, map_location='cpu'), strict=True)
+    last = torch.load(run / 'var-ddo-last.pth')
+    assert not torch.equal(last['head.weight'], torch.load(files[1])['head.weight'])   # it trained
+    assert torch.load(run / 'training-state.pth', weights_only=False)['iteration'] == 3
+
+
+def test_images_are_tokenised_through_the_vqvae(files, tmp_path):
+    args = argv(files, tmp_path / 'images', '--iterations', '2', '--label-drop', '0')
+    args[args.index('var_tiny:token_dataset')] = 'var_tiny:image_dataset'
+    assert train.main(args) == 2
+    log = [json.loads(line) for line in (tmp_path / 'images' / 'log.jsonl').read_text().splitlines()]
+    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4) and log[1]['delta_real'] != 0
+
+
+def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
+    assert train.main(argv(files, tmp_path / 'accum', '--iterations', '2', '--grad-accum', '2', '--label-drop', '0')) == 2
+    log = [json.loads(line) for line in (tmp_path / 'accum' / 'log.jsonl').read_text().splitlines()]
+    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4)   # theta = theta_ref, no label dropped
+    assert all(math.isfinite(r['grad_norm']) for r in log)
+
+
+def test_resume_continues_from_the_saved_iteration(files, tmp_path):
+    common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3')
+    assert train.main(argv(files, tmp_path / 'split', *common, '--stop-after', '3')) == 3
+    assert torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration'] == 3
+    assert train.main(argv(files, tmp_path / 'split', *common)) == 4
+    assert train.main(argv(files, tmp_path / 'whole', *common)) == 4
+    split, whole = (torch.load(tmp_path / d / 'var-ddo-last.pth') for d in ('split', 'whole'))
+    for key in whole:    # same data, reference samples, masks and optimiser state: the same weights
+        torch.testing.assert_close(split[key], whole[key], atol=1e-6, rtol=1e-5)
+    log = [json.loads(line)['iteration'] for line in (tmp_path / 'split' / 'log.jsonl').read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize('extra, message', [
+    (('--depth', '1'), 'does not match --depth 1'),
+    (('--patch-nums', '1_2_4'), 'pos_1LC (1, 30, 128) vs (1, 21, 128)'),
+    (('--vae', 'no-such-vae.pth'), 'VQVAE file no-such-vae.pth not found'),
+    (('--dataset', 'var_tiny:bad_label_dataset'), 'class labels must lie in [0, 10)'),
+    (('--ddo-alpha', '-1'), 'alpha must be a finite number >= 0'),
+    (('--ddo-beta', '0'), 'beta must be a finite number > 0'),
+    (('--grad-accum', '3'), 'per-rank batch 8 does not split into --grad-accum 3'),
+])
+def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv(files, tmp_path / 'run', '--iterations', '2', *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: ') and message in err[-1], err[-1]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_depth_mismatch_names_the_first_keys(files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(argv(files, tmp_path / 'run', '--depth', '3', '--iterations', '2'))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'shape (file vs flags): pos_start (1, 1, 128) vs (1, 1, 192)' in err and 'missing: blocks.2.attn' in err
+
+
+def test_global_batch_must_split_over_ranks(files, tmp_path):
+    args = train.parse_args(argv(files, tmp_path / 'run', '--global-batch', '10'))
+    with pytest.raises(DDOPatchError, match='--global-batch 10 is not divisible by the world size 4'):
+        train.validate(args, world_size=4)
+
+
+def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', '-m', 'var_ext.train',
+           *argv(files, tmp_path / 'ddp', '--iterations', '2', '--var-root', str(var_root), '--metric', 'var_tiny:brightness',
+                 '--eval-samples', '6', '--eval-cfg', '0')]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
+    assert [r['iteration'] for r in log] == [1, 2]   # one record per iteration: rank 0 writes, averaged over ranks
+    metrics = [json.loads(line) for line in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iteration'] for m in metrics] == [0, 2]
+    assert not any(p.name.startswith('eval-') for p in (tmp_path / 'ddp').iterdir())   # shards cleaned up

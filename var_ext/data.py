@@ -1,0 +1,82 @@
+"""The real data stream: upstream's ImageFolder pipeline by default, or any dataset named `module:function`.
+
+A dataset item is `(x, label)` where `x` is either an image in [-1, 1], [3, H, W] (tokenised on the fly
+through the VQVAE, as upstream trains) or an already tokenised pyramid, a LongTensor [L] with the scales
+concatenated coarse to fine. `--dataset module:function` is called as `function(resolution)` and returns
+such a dataset; the tests use it to feed a synthetic token distribution.
+
+Upstream's `utils/data.build_dataset` needs torchvision (ImageFolder, Resize/Crop); it is imported only
+when `--data` is used, so that everything else runs without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ddo_patch.errors import DDOPatchError
+from var_ext.models import import_upstream
+
+
+def resolve(spec: str, what: str):
+    """'package.module:function' -> the function."""
+    module_name, _, attr = spec.partition(':')
+    if not module_name or not attr:
+        raise DDOPatchError(f'{what} must be given as module:function, got "{spec}"')
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise DDOPatchError(f'cannot load {what} "{spec}": {err}') from None
+
+
+def build_dataset(data_path, dataset_spec, resolution: int, var_root=None):
+    if dataset_spec:
+        return resolve(dataset_spec, '--dataset')(resolution)
+    if not data_path:
+        raise DDOPatchError('give --data (an ImageFolder root with train/ and val/, as upstream) or --dataset module:function')
+    try:
+        import torchvision  # noqa: F401  (upstream's pipeline is built on it)
+    except ImportError:
+        raise DDOPatchError('--data uses upstream\'s torchvision ImageFolder pipeline, but torchvision is not installed; '
+                            'install the torchvision that matches your torch, or pass --dataset module:function') from None
+    _, train_set, _ = import_upstream(var_root, 'utils.data').build_dataset(data_path, final_reso=resolution)
+    return train_set
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's share of global batch `it`, `it` = start, start + 1, ...
+
+    The global index stream is a concatenation of permutations seeded by (seed, epoch), so batch `it` is a
+    pure function of (seed, it): resuming at iteration k sees exactly the data an uninterrupted run would.
+    """
+
+    def __init__(self, dataset_len: int, global_batch: int, rank: int, world_size: int, seed: int = 0, start: int = 0):
+        if dataset_len < 1:
+            raise DDOPatchError('the dataset is empty')
+        self.n, self.global_batch, self.seed, self.start = dataset_len, global_batch, seed, start
+        self.local = global_batch // world_size
+        self.offset = rank * self.local
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, within = divmod(position, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        return self._perm[within]
+
+    def __iter__(self):
+        it = self.start
+        while True:
+            first = it * self.global_batch + self.offset
+            yield [self._index(p) for p in range(first, first + self.local)]
+            it += 1
+
+
+def split_scales(tokens: torch.Tensor, patch_nums):
+    """[B, L] -> one [B, pn * pn] tensor per scale."""
+    lengths = [pn * pn for pn in patch_nums]
+    if tokens.shape[1] != sum(lengths):
+        raise DDOPatchError(f'token sequences have length {tokens.shape[1]}, but patch_nums {tuple(patch_nums)} need {sum(lengths)}')
+    return list(tokens.split(lengths, dim=1))
