@@ -38,14 +38,17 @@ class DemoConfig:
     rounds: int = 6               # DDO self-play rounds
     alpha: float = 1.0            # weight of the fake term (Eq. 13)
     beta: float = 1.0             # scale of the log-likelihood ratio (Eq. 13)
-    lr: float = 5e-5              # Adam learning rate for DDO: small, as in appendix C
+    lr: float = 1e-4              # Adam learning rate for DDO: small, as in appendix C
+    lr_rampup: int = 100          # linear learning-rate ramp-up in steps, restarted each round (appendix C)
     batch: int = 4096             # real and fake samples per DDO step (each)
     steps_per_round: int = 400    # DDO steps per round
     eval_every: int = 100         # evaluate the EMA every N steps, keep the round's best
     ema_halflife: int = 100       # EMA half-life in steps
     coverage_guard: float = 0.02  # a candidate may lose at most this much coverage against the reference
-    P_mean: float = -1.0          # log sigma ~ N(P_mean, P_std^2), for pretraining and DDO
-    P_std: float = 1.4
+    P_mean: float = -2.0          # DDO's log sigma ~ N(P_mean, P_std^2): weighted towards the low noise
+    P_std: float = 1.4            # levels that resolve the thin components
+    mle_P_mean: float = -1.0      # pretraining's noise distribution
+    mle_P_std: float = 1.4
     mle_steps: int = 10000        # MLE pretraining steps
     mle_batch: int = 512
     mle_lr: float = 3e-3
@@ -101,7 +104,7 @@ def pretrain(cfg: DemoConfig, train: torch.Tensor) -> ToyDenoiser:
     decay = 0.5 ** (1 / 250)
     for _ in tqdm(range(cfg.mle_steps), desc='MLE pretraining', unit='step', leave=False):
         batch = train[torch.randint(len(train), (cfg.mle_batch,))]
-        loss = edm_loss(net, batch, cfg.P_mean, cfg.P_std).mean()
+        loss = edm_loss(net, batch, cfg.mle_P_mean, cfg.mle_P_std).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,6 +119,7 @@ def ddo_round(cfg: DemoConfig, ref: ToyDenoiser, train: torch.Tensor, evaluate: 
     ema = copy.deepcopy(ref)
     loss_fn = DiffusionDDOLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, alpha=cfg.alpha, beta=cfg.beta)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    rampup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_rampup))
     decay = 0.5 ** (1 / cfg.ema_halflife)
     ref_score, _ = evaluate(ref, 'select')
     best = (None, None, 0)
@@ -127,6 +131,7 @@ def ddo_round(cfg: DemoConfig, ref: ToyDenoiser, train: torch.Tensor, evaluate: 
         opt.zero_grad(set_to_none=True)
         terms.loss.mean().backward()
         opt.step()
+        rampup.step()
         _ema_update(ema, net, decay)
         if step % cfg.eval_every == 0:
             score, _ = evaluate(ema, 'select')
