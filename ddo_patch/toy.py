@@ -16,7 +16,7 @@ import torch
 class ThinMixture:
     """Mixture of elongated Gaussians on a ring, tangent to it, with unequal weights and widths."""
 
-    def __init__(self, num_components=8, radius=1.0, long_std=0.22, thin_std=0.025, seed=1234):
+    def __init__(self, num_components=8, radius=1.0, long_std=0.14, thin_std=0.025, seed=1234):
         rng = np.random.default_rng(seed)
         angles = 2 * np.pi * np.arange(num_components) / num_components
         self.means = radius * np.stack([np.cos(angles), np.sin(angles)], 1)

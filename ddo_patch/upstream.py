@@ -88,7 +88,7 @@ def locate(name: str, root: Optional[str | os.PathLike] = None, check_commit: bo
                                 f'set {up.env_var} to a clone of {up.url} at {up.commit[:12]})')
     candidate = candidate.expanduser().resolve()
     if not is_checkout(name, candidate):
-        raise DDOPatchError(f'{origin} points to {candidate}, which is not a {name} checkout (missing '
+        raise DDOPatchError(f'{origin} points to {candidate}, which is not a checkout of {name} (missing '
                             f'{", ".join(m for m in up.markers if not (candidate / m).is_file())}); '
                             f'point it at a clone of {up.url}')
     if check_commit:
