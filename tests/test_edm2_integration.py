@@ -317,7 +317,7 @@ def _bad_inputs(p):
         'data resolution': (['--data', str(bad / 'fake16')], 'use the data the network was trained on'),
         'alpha < 0': (['--ddo-alpha', '-1'], 'alpha'),
         'beta = 0': (['--ddo-beta', '0'], 'beta'),
-        'no upstream': (['--edm2-root', str(bad / 'empty-root')], 'not a edm2 checkout'),
+        'no upstream': (['--edm2-root', str(bad / 'empty-root')], 'not a checkout of edm2'),
     }
 
 
