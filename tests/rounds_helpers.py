@@ -68,12 +68,13 @@ def read_manifest(workdir):
         return json.load(f)
 
 
-def without_wall_times(obj):
-    """The manifest minus what legitimately differs between an interrupted and an uninterrupted run."""
+def comparable(obj):
+    """The manifest minus what differs between two runs of the same work: wall times, and file hashes (torch
+    pickles name tensor storages by memory address, so equal weights do not give equal bytes)."""
     if isinstance(obj, dict):
-        return {k: without_wall_times(v) for k, v in obj.items() if k != 'wall_seconds'}
+        return {k: comparable(v) for k, v in obj.items() if k not in ('wall_seconds', 'sha256')}
     if isinstance(obj, list):
-        return [without_wall_times(v) for v in obj]
+        return [comparable(v) for v in obj]
     return obj
 
 
