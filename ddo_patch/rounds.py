@@ -96,7 +96,11 @@ def _reference_samples(workdir, cfg, backend, launcher, record) -> str | bool | 
     if command is None:
         return None
     job = Job(name=f'{record["dir"]}-reference-samples', path=f'{record["dir"]}/reference-samples', commands=[command])
-    if read_status(workdir, job) is None and not launcher.run([job], on_done=lambda _: None):
+    status = read_status(workdir, job)
+    if status is not None and status['exit_status'] != 0:
+        os.remove(os.path.join(workdir, job.file('status')))   # failed in an earlier invocation: try again (it resumes)
+        status = None
+    if status is None and not launcher.run([job], on_done=lambda _: None):
         return False
     status = read_status(workdir, job)
     record['reference_samples'] = dict(path=fake, command=command_line(cfg.launcher, command), **status)
@@ -106,9 +110,18 @@ def _reference_samples(workdir, cfg, backend, launcher, record) -> str | bool | 
     return fake
 
 
-def _run_round(workdir, cfg, backend, launcher, m, record) -> bool:
+def _forget_failed(workdir, record):
+    """Drop the failed runs of an unfinished round, so that they run again (they resume where they can)."""
+    for run in [r for r in record['runs'] if r['status'] == 'failed']:
+        record['runs'].remove(run)
+        os.remove(os.path.join(workdir, f'{run["run_dir"]}.status'))
+
+
+def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool:
     """Run (or continue) one round; False when jobs are still queued (slurm without waiting)."""
     save = lambda: manifest.save(workdir, m)  # noqa: E731
+    if retry_failed:
+        _forget_failed(workdir, record)
     fake = _reference_samples(workdir, cfg, backend, launcher, record)
     if fake is False:
         save()
@@ -141,7 +154,8 @@ def _run_round(workdir, cfg, backend, launcher, m, record) -> bool:
         m['status'], m['stop_reason'] = 'failed', f'every run of round {record["round"]} failed'
         save()
         raise DDOPatchError(f'round {record["round"]}: all {len(record["runs"])} runs failed (' +
-                            '; '.join(f'{r["name"]}: {r["error"]}' for r in record['runs']) + '); nothing to promote, stopping')
+                            '; '.join(f'{r["name"]}: {r["error"]}' for r in record['runs']) + '); nothing to promote, '
+                            'stopping (fix the cause, then rerun with --retry-failed)')
     record['chosen'] = _choose(record['runs'])
     baselines = [e['score'] for r in record['runs'] if r['status'] == 'done' for e in r['evaluations'] if e['step'] == 0]
     record['reference_score'] = min(baselines) if baselines else None
@@ -152,8 +166,9 @@ def _run_round(workdir, cfg, backend, launcher, m, record) -> bool:
     return True
 
 
-def run(config_path, workdir, wait: bool = True) -> dict:
-    """Run or continue the rounds described by `config_path` in `workdir`; returns the manifest."""
+def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> dict:
+    """Run or continue the rounds described by `config_path` in `workdir`; returns the manifest.
+    `retry_failed`: run the failed sweep points of the unfinished round again (finished rounds stay as they are)."""
     cfg = rounds_config.load(config_path)
     backend = backend_for(cfg)
     os.makedirs(workdir, exist_ok=True)
@@ -178,7 +193,7 @@ def run(config_path, workdir, wait: bool = True) -> dict:
         if record['status'] == 'done':
             continue
         print(f'round {round_idx}/{cfg.rounds}: reference {record["reference"]["path"]}', flush=True)
-        if not _run_round(workdir, cfg, backend, launcher, m, record):
+        if not _run_round(workdir, cfg, backend, launcher, m, record, retry_failed):
             print(f'jobs of round {round_idx} are queued; rerun the same command to continue', flush=True)
             return m
     else:

@@ -15,9 +15,10 @@ def rounds():
 @click.argument('config', metavar='CONFIG')
 @click.option('--workdir', metavar='DIR', required=True, help='Where rounds, runs, logs and manifest.json go; rerun to continue.')
 @click.option('--no-wait', is_flag=True, help='slurm: submit what can be submitted and return instead of polling.')
-def run(config, workdir, no_wait):
+@click.option('--retry-failed', is_flag=True, help='Run the failed sweep points of the unfinished round again.')
+def run(config, workdir, no_wait, retry_failed):
     """Run the rounds described by CONFIG (TOML); the same command continues after an interruption."""
-    m = rounds_mod.run(config, workdir, wait=not no_wait)
+    m = rounds_mod.run(config, workdir, wait=not no_wait, retry_failed=retry_failed)
     click.echo('\n'.join(rounds_report.status_lines(workdir)) if m['rounds'] else f'{workdir}: nothing run yet')
 
 

@@ -72,14 +72,13 @@ def plot(m, path):
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     done = [r for r in m['rounds'] if r['chosen']]
-    metric = m['config']['evaluate']['metric']
     for r in m['rounds']:
         scores = [run['best']['score'] for run in r['runs'] if run['best']]
         left.scatter([r['round']] * len(scores), scores, s=14, color='0.6', label='sweep points' if r is m['rounds'][0] else None)
     left.plot([r['round'] for r in done], [r['chosen']['score'] for r in done], 'o-', color='C0', label='best of round')
     if m['rounds'] and m['rounds'][0]['reference_score'] is not None:
         left.axhline(m['rounds'][0]['reference_score'], color='C3', ls='--', lw=1, label='pretrained')
-    left.set(xlabel='round', ylabel=f'{metric} (lower is better)', title='metric per round')
+    left.set(xlabel='round', ylabel=f'{m["metric"]} (lower is better)', title='metric per round')
     left.legend()
     costs = cost_rows(m)
     pretraining = m['config']['pretraining_images']

@@ -180,6 +180,13 @@ def test_round_where_every_run_fails_stops_with_a_clear_message(world):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1
     assert lines[0].startswith('error: round 1: all 1 runs failed (a1e+39_b0.05: non-finite loss (nan)')
-    assert lines[0].endswith('nothing to promote, stopping')
+    assert lines[0].endswith('nothing to promote, stopping (fix the cause, then rerun with --retry-failed)')
     m = read_manifest(workdir)
     assert m['status'] == 'failed' and m['stop_reason'] == 'every run of round 1 failed'
+    log = workdir / 'round01' / 'a1e+39_b0.05.log'
+    size = log.stat().st_size
+    again = run_manager(world, config, workdir, check=False)   # a failed run is final: nothing runs again
+    assert again.returncode == 2 and again.stderr == proc.stderr and log.stat().st_size == size
+    args = manager(world, config, workdir) + ['--retry-failed']
+    retried = subprocess.run(args, env=world['env'], capture_output=True, text=True, timeout=600)
+    assert retried.returncode == 2 and retried.stderr == proc.stderr and log.stat().st_size > size   # it ran again
