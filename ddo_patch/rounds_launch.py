@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +129,11 @@ class LocalLauncher:
                 proc = subprocess.Popen(['bash', script], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
                 manifest.write_json(os.path.join(self.workdir, RUNNING), dict(job=job.name, pgid=proc.pid))
-                rc = proc.wait()
+                try:
+                    rc = proc.wait()
+                except BaseException:   # Ctrl-C: the job runs in its own session, so stop it too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    raise
             if read_status(self.workdir, job) is None:   # bash itself was killed before it could write it
                 manifest.write_json(os.path.join(self.workdir, job.file('status')), dict(exit_status=rc, wall_seconds=0))
             os.remove(os.path.join(self.workdir, RUNNING))
@@ -176,6 +181,9 @@ class SlurmLauncher:
 
 def make_launcher(workdir, launcher, wait=True):
     if launcher['kind'] == 'slurm':
+        missing = [tool for tool in ('sbatch', 'squeue') if shutil.which(tool) is None]
+        if missing:
+            raise DDOPatchError(f'launcher.kind is slurm, but {" and ".join(missing)} is not on PATH; run on a SLURM login node')
         return SlurmLauncher(workdir, launcher, wait)
     stop_leftovers(workdir)
     return LocalLauncher(workdir, launcher)
