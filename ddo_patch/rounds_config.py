@@ -55,7 +55,7 @@ TRAIN_OPTIONS = {
     'edm2': ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu', 'workers',
              'status', 'checkpoint', 'seed'),
     'var': ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers', 'label_drop',
-            'global_batch', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd', 'grad_clip', 'amp', 'seed', 'log_every'),
+            'global_batch', 'grad_accum', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd', 'grad_clip', 'amp', 'seed', 'log_every'),
 }
 EVALUATE_OPTIONS = {
     'edm2': ('metric', 'reference', 'detector', 'seeds', 'batch', 'steps'),
