@@ -1,5 +1,8 @@
 """`ddo-patch rounds ...`: run, inspect and report multi-round DDO with a hyperparameter sweep."""
 
+import signal
+import sys
+
 import click
 
 from ddo_patch import rounds as rounds_mod
@@ -18,6 +21,8 @@ def rounds():
 @click.option('--retry-failed', is_flag=True, help='Run the failed sweep points of the unfinished round again.')
 def run(config, workdir, no_wait, retry_failed):
     """Run the rounds described by CONFIG (TOML); the same command continues after an interruption."""
+    # SIGTERM (kill, a scheduler) unwinds like Ctrl-C, so that a running local job is stopped with the manager.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     m = rounds_mod.run(config, workdir, wait=not no_wait, retry_failed=retry_failed)
     click.echo('\n'.join(rounds_report.status_lines(workdir)) if m['rounds'] else f'{workdir}: nothing run yet')
 

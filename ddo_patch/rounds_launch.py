@@ -131,7 +131,7 @@ class LocalLauncher:
                 manifest.write_json(os.path.join(self.workdir, RUNNING), dict(job=job.name, pgid=proc.pid))
                 try:
                     rc = proc.wait()
-                except BaseException:   # Ctrl-C: the job runs in its own session, so stop it too
+                except BaseException:   # Ctrl-C or SIGTERM (see rounds_cli): the job runs in its own session, stop it too
                     os.killpg(proc.pid, signal.SIGKILL)
                     raise
             if read_status(self.workdir, job) is None:   # bash itself was killed before it could write it
