@@ -167,3 +167,22 @@ def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, mo
     snapshot = workdir / chosen['snapshot']
     assert chosen['sha256'] == hashlib.sha256(snapshot.read_bytes()).hexdigest()
     assert m['rounds'][0]['reference_score'] == 9.0 and m['rounds'][0]['improvement'] == pytest.approx(2.5)
+
+
+def test_a_work_directory_refuses_a_changed_config_but_not_more_rounds(files, tmp_path, monkeypatch):
+    install_fake_slurm(tmp_path, monkeypatch)
+    slurm = dict(launcher__kind='slurm', launcher__template=SLURM_TEMPLATE)
+    workdir = str(tmp_path / 'work')
+    assert cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, **slurm), '--workdir', workdir, '--no-wait']).exit_code == 0
+    more = cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, rounds=5, **slurm), '--workdir', workdir, '--no-wait'])
+    assert more.exit_code == 0 and read_manifest(workdir)['config']['rounds'] == 5
+    changed = cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, rounds=5, sweep__beta=[0.1], train__lr=1e-3, **slurm),
+                                         '--workdir', workdir, '--no-wait'])
+    assert changed.exit_code == 2
+    assert changed.stderr.strip() == (f'error: {workdir} was started with a different configuration (betas, train changed); '
+                                      'restore it or use a new --workdir (only rounds, stop, launcher may change)')
+
+
+def test_example_refuses_an_existing_directory(tmp_path):
+    result = cli_runner().invoke(main, ['rounds', 'example', str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.strip() == f'error: {tmp_path} exists; give a new directory for the example'
