@@ -24,6 +24,7 @@ from ddo_patch.errors import DDOPatchError
 
 CLASSES, RESOLUTION, IMAGES = 4, 8, 64
 
+# A short MLE run of upstream's loop: python -c MLE_SCRIPT DATA RUN_DIR ENCODER_CLASS (also used by the EDM2 tests).
 MLE_SCRIPT = textwrap.dedent('''
     import sys, torch
     from ddo_patch import upstream
@@ -36,7 +37,7 @@ MLE_SCRIPT = textwrap.dedent('''
         training.training_loop.training_loop(run_dir=sys.argv[2], device=device, batch_size=16, total_nimg=1024,
             status_nimg=None, snapshot_nimg=1024, checkpoint_nimg=None,
             dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=sys.argv[1], use_labels=True),
-            encoder_kwargs=dict(class_name='training.encoders.StandardRGBEncoder'),
+            encoder_kwargs=dict(class_name=sys.argv[3]),
             data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
             network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2],
                                 num_blocks=1, attn_resolutions=[4]),
@@ -95,7 +96,7 @@ def make_example(directory, edm2_root=None) -> dict:
     write_stats(paths['stats'])
     os.makedirs(paths['mle'])
     env = dict(os.environ, OMP_NUM_THREADS='1', **({'EDM2_ROOT': str(edm2_root)} if edm2_root else {}))
-    proc = subprocess.run([sys.executable, '-c', MLE_SCRIPT, paths['data'], paths['mle']], env=env,
+    proc = subprocess.run([sys.executable, '-c', MLE_SCRIPT, paths['data'], paths['mle'], 'training.encoders.StandardRGBEncoder'], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise DDOPatchError(f'the tiny MLE run failed: {(proc.stderr.strip().splitlines() or ["no output"])[-1]}')

@@ -70,11 +70,13 @@ def plot(m, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     done = [r for r in m['rounds'] if r['chosen']]
     for r in m['rounds']:
         scores = [run['best']['score'] for run in r['runs'] if run['best']]
-        left.scatter([r['round']] * len(scores), scores, s=14, color='0.6', label='sweep points' if r is m['rounds'][0] else None)
+        left.scatter([r['round']] * len(scores), scores, s=30, marker='x', color='0.4', zorder=3,
+                     label='sweep points (best of each run)' if r is m['rounds'][0] else None)
     left.plot([r['round'] for r in done], [r['chosen']['score'] for r in done], 'o-', color='C0', label='best of round')
     if m['rounds'] and m['rounds'][0]['reference_score'] is not None:
         left.axhline(m['rounds'][0]['reference_score'], color='C3', ls='--', lw=1, label='pretrained')
@@ -88,6 +90,9 @@ def plot(m, path):
                's--', label='chosen runs only')
     right.set(xlabel='round', ylabel=unit, title='cost so far (images seen)')
     right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.ticklabel_format(axis='y', useOffset=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
