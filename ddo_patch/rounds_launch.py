@@ -128,7 +128,7 @@ class LocalLauncher:
             with open(os.path.join(self.workdir, job.file('log')), 'a') as log:
                 proc = subprocess.Popen(['bash', script], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
-                manifest.write_json(os.path.join(self.workdir, RUNNING), dict(job=job.name, pgid=proc.pid))
+                manifest.write_json(os.path.join(self.workdir, RUNNING), dict(job=job.name, pgid=proc.pid, log=job.file('log')))
                 try:
                     rc = proc.wait()
                 except BaseException:   # Ctrl-C or SIGTERM (see rounds_cli): the job runs in its own session, stop it too

@@ -7,6 +7,7 @@ import os
 
 from ddo_patch import manifest
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.rounds_launch import RUNNING
 
 
 def load(workdir) -> dict:
@@ -34,6 +35,9 @@ def status_lines(workdir) -> list:
         lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, '
                      f'pending {points - done - failed}  {chosen}')
         lines += [f'      {run["name"]}: failed: {run["error"]}' for run in r['runs'] if run['status'] == 'failed']
+    running = manifest.read_json(os.path.join(workdir, RUNNING))
+    if running and m['status'] == 'running':
+        lines.append(f'  local job {running["job"]} is running or was interrupted (log: {os.path.join(workdir, running["log"])})')
     return lines
 
 
