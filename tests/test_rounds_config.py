@@ -4,6 +4,7 @@ scripts, and the SLURM path end to end with fake sbatch/squeue and hand-made run
 import hashlib
 import json
 import os
+import sys
 
 import pytest
 
@@ -186,3 +187,13 @@ def test_a_work_directory_refuses_a_changed_config_but_not_more_rounds(files, tm
 def test_example_refuses_an_existing_directory(tmp_path):
     result = cli_runner().invoke(main, ['rounds', 'example', str(tmp_path)])
     assert result.exit_code == 2 and result.stderr.strip() == f'error: {tmp_path} exists; give a new directory for the example'
+
+
+def test_local_launcher_uses_torchrun_for_several_processes():
+    from ddo_patch.rounds_launch import Command, command_line
+    command = Command('edm2_ext.train', ['--outdir', 'round01/a1_b0.1'])
+    local = dict(kind='local', nodes=1, env={})
+    python = sys.executable
+    assert command_line(dict(local, nproc_per_node=1), command) == f'{python} -m edm2_ext.train --outdir round01/a1_b0.1'
+    assert command_line(dict(local, nproc_per_node=2), command) == (
+        f'{python} -m torch.distributed.run --standalone --nproc_per_node=2 -m edm2_ext.train --outdir round01/a1_b0.1')
