@@ -2,7 +2,7 @@
 
 import click
 
-from ddo_patch import upstream
+from ddo_patch import rounds_cli, upstream
 from ddo_patch.errors import DDOPatchError, EXIT_USER_ERROR
 
 
@@ -61,6 +61,8 @@ def demo(outdir, rounds, seed, alpha, beta, preset):
     from ddo_patch import demo as demo_mod
     demo_mod.run_demo(outdir=outdir, rounds=rounds, seed=seed, alpha=alpha, beta=beta, preset=preset)
 
+
+main.add_command(rounds_cli.rounds)
 
 if __name__ == '__main__':
     main()

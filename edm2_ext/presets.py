@@ -18,6 +18,7 @@ of evaluation intervals (50 x 2^17, 25 x 2^18) and the last snapshot falls on th
 from __future__ import annotations
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.sizes import parse_nimg  # noqa: F401 (re-exported: edm2_ext.options and the tests use it from here)
 
 _KI, _MI = 1 << 10, 1 << 20
 
@@ -48,26 +49,6 @@ def resolve(preset: str, round: int = 1, **overrides) -> dict:
             spec.update(schedule[first_round])
     spec.update({key: value for key, value in overrides.items() if value is not None})
     return spec
-
-
-def parse_nimg(text) -> int:
-    """An image count with an optional binary suffix, as upstream's train_edm2.py: '128Ki', '8Mi', '1Gi', '512'."""
-    if isinstance(text, int):
-        return text
-    text = str(text).strip()
-    for suffix, shift in (('Ki', 10), ('Mi', 20), ('Gi', 30)):
-        if text.endswith(suffix):
-            text, scale = text[:-2], 1 << shift
-            break
-    else:
-        scale = 1
-    try:
-        value = int(text) * scale
-    except ValueError:
-        raise DDOPatchError(f'"{text}" is not an image count; write e.g. 512, 128Ki, 8Mi or 1Gi') from None
-    if value < 0:
-        raise DDOPatchError(f'image counts must be >= 0, got {value}')
-    return value
 
 
 def parse_seeds(text: str) -> list:

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddo_patch.rounds_example import MLE_SCRIPT  # the short upstream MLE run that makes the reference
+
 pytestmark = pytest.mark.upstream
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -57,27 +59,6 @@ def write_dataset(path, n=64, classes=CLASSES, res=RES, labels=True, latent=Fals
         with open(os.path.join(path, 'dataset.json'), 'w') as f:
             json.dump({'labels': entries}, f)
     return str(path)
-
-
-MLE_SCRIPT = textwrap.dedent('''
-    import sys, torch
-    from ddo_patch import upstream
-    upstream.activate('edm2')
-    import training.training_loop
-    from edm2_ext.platform import init_distributed, upstream_compatible
-    device = torch.device('cpu')
-    init_distributed(device)
-    with upstream_compatible(device):
-        training.training_loop.training_loop(run_dir=sys.argv[2], device=device, batch_size=16, total_nimg=1024,
-            status_nimg=None, snapshot_nimg=1024, checkpoint_nimg=None,
-            dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=sys.argv[1], use_labels=True),
-            encoder_kwargs=dict(class_name=sys.argv[3]),
-            data_loader_kwargs=dict(class_name='torch.utils.data.DataLoader', num_workers=0),
-            network_kwargs=dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2],
-                                num_blocks=1, attn_resolutions=[4]),
-            lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=0, rampup_Mimg=0),
-            ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.1]))
-''')
 
 
 @pytest.fixture(scope='module')

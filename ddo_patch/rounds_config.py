@@ -1,0 +1,290 @@
+"""The round manager's run description: one TOML file, checked completely before anything runs.
+
+    backend = "edm2"                     # edm2 | var
+    rounds = 24                          # at most this many rounds
+    pretrained = "edm2-img64-s.pkl"      # round 1's reference (a path, or a URL for edm2)
+    data = "datasets/img64.zip"          # real data (edm2: --data; var: --data, or train.dataset)
+    pretraining_images = 1073741824      # what the pretrained model saw, for the cost report
+
+    [run]                                # every sweep point of every round
+    duration = "6400Ki"                  # edm2: images (--duration); var: iterations (--iterations)
+    eval_every = "128Ki"                 # edm2: images between snapshots; var: iterations
+
+    [sweep]                              # the grid alpha x beta, run in this order
+    alpha = [0.5, 1, 2, 4, 6]
+    beta = [0.01, 0.02, 0.05, 0.1]
+
+    [train]                              # more options of the backend's train entry (same names)
+    preset = "ddo-img64-s"
+
+    [[override]]                         # train options from a round on (later entries win)
+    from_round = 17
+    P_std = 3.0
+    lr = 2e-5
+
+    [evaluate]  [reference_samples]  [stop]  [launcher]   (see docs/rounds.md)
+
+Relative paths are relative to the config file; `${VAR}` is taken from the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+from ddo_patch.errors import DDOPatchError
+from ddo_patch.sizes import parse_nimg
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ('edm2', 'var')
+LAUNCHERS = ('local', 'slurm')
+# What may change between invocations on the same work directory (everything else would mix two runs).
+CHANGEABLE = ('rounds', 'stop', 'launcher')
+
+# Options of each backend's train entry that [train] and [[override]] may set (flag = '--' + name, _ -> -).
+TRAIN_OPTIONS = {
+    'edm2': ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu', 'workers',
+             'status', 'checkpoint', 'seed'),
+    'var': ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers', 'label_drop',
+            'global_batch', 'grad_accum', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd', 'grad_clip', 'amp', 'seed', 'log_every'),
+}
+EVALUATE_OPTIONS = {
+    'edm2': ('metric', 'reference', 'detector', 'seeds', 'batch', 'steps'),
+    'var': ('metric', 'samples', 'cfg', 'batch', 'best_by'),
+}
+REFERENCE_SAMPLE_OPTIONS = ('seeds', 'batch', 'steps')   # edm2_ext.generate
+FILE_OPTIONS = {'edm2': (), 'var': ('vae',)}             # train options naming a file that must exist
+
+_TEMPLATE_FIELD = re.compile(r'\{\{(\w+)\}\}')
+TEMPLATE_FIELDS = ('job_name', 'nodes', 'nproc_per_node', 'log', 'commands')
+DEFAULT_TEMPLATE = '#!/bin/bash\n{{commands}}\n'
+
+
+@dataclasses.dataclass
+class RoundsConfig:
+    source: str                  # the config file
+    backend: str
+    rounds: int
+    pretrained: str
+    data: str | None
+    pretraining_images: int | None
+    duration: int                # edm2: images per run; var: iterations per run
+    eval_every: int
+    alphas: list
+    betas: list
+    train: dict
+    overrides: list              # [(from_round, {option: value})], sorted
+    evaluate: dict
+    reference_samples: dict
+    stop: dict                   # min_improvement, patience
+    launcher: dict               # kind, nodes, nproc_per_node, env, template, poll_seconds
+    upstream_root: str | None
+
+    def round_options(self, round_idx: int) -> dict:
+        """[train] with every [[override]] whose from_round <= round_idx applied, in order."""
+        options = dict(self.train)
+        for first, values in self.overrides:
+            if round_idx >= first:
+                options.update(values)
+        return options
+
+    def sweep_points(self) -> list:
+        return [(alpha, beta) for alpha in self.alphas for beta in self.betas]
+
+    def as_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def identity(self) -> dict:
+        """The part of the configuration that must not change while a work directory is in progress."""
+        return {k: v for k, v in self.as_dict().items() if k not in CHANGEABLE + ('source',)}
+
+
+def _fail(path, message):
+    raise DDOPatchError(f'{path}: {message}')
+
+
+def _expand(path, value, base):
+    """${VAR} from the environment, ~, and a path relative to the config file's directory; URLs kept."""
+    text = str(value)
+    for name in re.findall(r'\$\{(\w+)\}', text):
+        if name not in os.environ:
+            _fail(path, f'"{text}" uses ${{{name}}}, which is not set in the environment')
+    text = os.path.expanduser(os.path.expandvars(text))
+    if '://' in text or os.path.isabs(text):
+        return text
+    return os.path.normpath(os.path.join(base, text))
+
+
+def _number(path, where, value, minimum=None, open_min=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(path, f'{where} must be a finite number, got {value!r}')
+    if minimum is not None and (value < minimum or (open_min and value == minimum)):
+        _fail(path, f'{where} must be {">" if open_min else ">="} {minimum}, got {value}')
+    return value
+
+
+def _known(path, table, name, allowed):
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        _fail(path, f'unknown {name} option{"s" if len(unknown) > 1 else ""} {", ".join(unknown)}; '
+                    f'known: {", ".join(allowed)}')
+
+
+def _grid(path, sweep, name, minimum, open_min):
+    values = sweep.get(name)
+    if not isinstance(values, list) or not values:
+        _fail(path, f'sweep.{name} must be a non-empty list of numbers (the grid would be empty)')
+    for value in values:
+        _number(path, f'sweep.{name} value', value, minimum, open_min)
+    if len(set(values)) != len(values):
+        _fail(path, f'sweep.{name} lists a value twice: {values}')
+    return list(values)
+
+
+def _size(path, where, value):
+    try:
+        return parse_nimg(value)
+    except DDOPatchError as err:
+        _fail(path, f'{where}: {err}')
+
+
+def _launcher(path, raw):
+    _known(path, raw, 'launcher', ('kind', 'nodes', 'nproc_per_node', 'env', 'template', 'poll_seconds'))
+    launcher = dict(kind=raw.get('kind', 'local'), nodes=raw.get('nodes', 1), nproc_per_node=raw.get('nproc_per_node', 1),
+                    env={str(k): str(v) for k, v in raw.get('env', {}).items()}, template=raw.get('template', DEFAULT_TEMPLATE),
+                    poll_seconds=raw.get('poll_seconds', 60))
+    if launcher['kind'] not in LAUNCHERS:
+        _fail(path, f'unknown launcher.kind "{launcher["kind"]}"; choose one of {", ".join(LAUNCHERS)}')
+    for key in ('nodes', 'nproc_per_node'):
+        if not isinstance(launcher[key], int) or isinstance(launcher[key], bool) or launcher[key] < 1:
+            _fail(path, f'launcher.{key} must be an integer >= 1, got {launcher[key]!r}')
+    if launcher['kind'] == 'local' and launcher['nodes'] != 1:
+        _fail(path, 'launcher.nodes > 1 needs launcher.kind = "slurm" (the local launcher runs on this node)')
+    _number(path, 'launcher.poll_seconds', launcher['poll_seconds'], 0, open_min=True)
+    fields = set(_TEMPLATE_FIELD.findall(launcher['template']))
+    if 'commands' not in fields:
+        _fail(path, 'launcher.template must contain {{commands}} (where the job\'s commands go)')
+    unknown = sorted(fields - set(TEMPLATE_FIELDS))
+    if unknown:
+        _fail(path, f'launcher.template uses unknown field(s) {", ".join("{{" + f + "}}" for f in unknown)}; '
+                    f'known: {", ".join("{{" + f + "}}" for f in TEMPLATE_FIELDS)}')
+    return launcher
+
+
+def _check_file(path, where, value):
+    if '://' not in value and not os.path.exists(value):
+        _fail(path, f'{where} {value} does not exist')
+
+
+def parse(raw: dict, path: str) -> RoundsConfig:
+    """Validate a parsed TOML document; raise DDOPatchError with a one-line message on the first problem."""
+    base = os.path.dirname(os.path.abspath(path))
+    _known(path, raw, 'top-level', ('backend', 'rounds', 'pretrained', 'data', 'pretraining_images', 'upstream_root', 'run',
+                                    'sweep', 'train', 'override', 'evaluate', 'reference_samples', 'stop', 'launcher'))
+    backend = raw.get('backend')
+    if backend not in BACKENDS:
+        _fail(path, f'unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    rounds = raw.get('rounds')
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        _fail(path, f'rounds must be an integer >= 1, got {rounds!r}')
+    for key in ('pretrained',) + (('data',) if backend == 'edm2' else ()):
+        if key not in raw:
+            _fail(path, f'{key} is required for backend {backend}')
+
+    run = raw.get('run', {})
+    _known(path, run, 'run', ('duration', 'eval_every'))
+    for key in ('duration', 'eval_every'):
+        if key not in run:
+            _fail(path, f'run.{key} is required')
+    duration, eval_every = _size(path, 'run.duration', run['duration']), _size(path, 'run.eval_every', run['eval_every'])
+    if duration < 1 or eval_every < 1:
+        _fail(path, 'run.duration and run.eval_every must be >= 1')
+
+    sweep = raw.get('sweep', {})
+    _known(path, sweep, 'sweep', ('alpha', 'beta'))
+    alphas, betas = _grid(path, sweep, 'alpha', 0, False), _grid(path, sweep, 'beta', 0, True)
+
+    train = dict(raw.get('train', {}))
+    _known(path, train, f'{backend} train', TRAIN_OPTIONS[backend])
+    overrides = []
+    for i, entry in enumerate(raw.get('override', [])):
+        entry = dict(entry)
+        first = entry.pop('from_round', None)
+        if not isinstance(first, int) or isinstance(first, bool) or not 1 <= first <= rounds:
+            _fail(path, f'override #{i + 1} needs from_round, an integer in [1, rounds = {rounds}], got {first!r}')
+        if not entry:
+            _fail(path, f'override #{i + 1} (from_round = {first}) changes nothing')
+        _known(path, entry, f'{backend} override', TRAIN_OPTIONS[backend])
+        overrides.append((first, entry))
+    overrides.sort(key=lambda item: item[0])   # stable: entries for the same round keep file order
+    for options in [train] + [values for _, values in overrides]:
+        for key in FILE_OPTIONS[backend]:
+            if key in options:
+                options[key] = _expand(path, options[key], base)
+                _check_file(path, f'train.{key}', options[key])
+        for key in ('lr', 'P_std'):
+            if key in options:
+                _number(path, f'{key}', options[key], 0, open_min=True)
+
+    evaluate = dict(raw.get('evaluate', {}))
+    _known(path, evaluate, f'{backend} evaluate', EVALUATE_OPTIONS[backend])
+    if 'metric' not in evaluate:
+        _fail(path, 'evaluate.metric is required (edm2: fid or fd_dinov2; var: MODULE:FUNCTION, lower is better)')
+    if backend == 'edm2':
+        if 'reference' not in evaluate:
+            _fail(path, 'evaluate.reference (reference statistics of the data, a .pkl path or URL) is required for edm2')
+        evaluate['reference'] = _expand(path, evaluate['reference'], base)
+        _check_file(path, 'evaluate.reference', evaluate['reference'])
+    elif ':' not in str(evaluate['metric']):
+        _fail(path, f'evaluate.metric must be MODULE:FUNCTION for var, got {evaluate["metric"]!r}')
+
+    reference_samples = dict(raw.get('reference_samples', {}))
+    if reference_samples and backend != 'edm2':
+        _fail(path, '[reference_samples] is for edm2 only (var samples its reference online)')
+    _known(path, reference_samples, 'reference_samples', REFERENCE_SAMPLE_OPTIONS)
+
+    stop = dict(raw.get('stop', {}))
+    _known(path, stop, 'stop', ('min_improvement', 'patience'))
+    stop = dict(min_improvement=_number(path, 'stop.min_improvement', stop.get('min_improvement', 0.0)),
+                patience=stop.get('patience', 0))
+    if not isinstance(stop['patience'], int) or isinstance(stop['patience'], bool) or stop['patience'] < 0:
+        _fail(path, f'stop.patience must be an integer >= 0 (0 = run all rounds), got {stop["patience"]!r}')
+
+    pretrained = _expand(path, raw['pretrained'], base)
+    _check_file(path, 'pretrained', pretrained)
+    data = _expand(path, raw['data'], base) if 'data' in raw else None
+    if data is not None:
+        _check_file(path, 'data', data)
+    if backend == 'var' and data is None and 'dataset' not in train:
+        _fail(path, 'var needs data (an ImageFolder root) or train.dataset (MODULE:FUNCTION)')
+    images = raw.get('pretraining_images')
+    if images is not None:
+        images = _size(path, 'pretraining_images', images)
+    upstream_root = _expand(path, raw['upstream_root'], base) if 'upstream_root' in raw else None
+    if upstream_root is not None:
+        _check_file(path, 'upstream_root', upstream_root)
+    return RoundsConfig(source=os.path.abspath(path), backend=backend, rounds=rounds, pretrained=pretrained, data=data,
+                        pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
+                        train=train, overrides=overrides, evaluate=evaluate, reference_samples=reference_samples,
+                        stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
+
+
+def load(path) -> RoundsConfig:
+    path = str(path)
+    try:
+        with open(path, 'rb') as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise DDOPatchError(f'config {path} not found') from None
+    except tomllib.TOMLDecodeError as err:
+        raise DDOPatchError(f'{path} is not valid TOML: {err}') from None
+    return parse(copy.deepcopy(raw), path)

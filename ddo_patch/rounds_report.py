@@ -1,0 +1,113 @@
+"""Reading a round manager's work directory: where it stands (`status`), and the per-round table and plot
+of the metric and of the cost in images seen against pretraining (`report`)."""
+
+from __future__ import annotations
+
+import os
+
+from ddo_patch import manifest
+from ddo_patch.errors import DDOPatchError
+from ddo_patch.rounds_launch import RUNNING
+
+
+def load(workdir) -> dict:
+    m = manifest.load(workdir)
+    if m is None:
+        raise DDOPatchError(f'{workdir} has no {manifest.MANIFEST}; start it with `ddo-patch rounds run CONFIG --workdir {workdir}`')
+    return m
+
+
+def _score(value):
+    return '-' if value is None else f'{value:.4g}'
+
+
+def status_lines(workdir) -> list:
+    m = load(workdir)
+    cfg = m['config']
+    points = len(cfg['alphas']) * len(cfg['betas'])
+    lines = [f'{workdir}: {m["status"]}' + (f' ({m["stop_reason"]})' if m['stop_reason'] else '') +
+             f'; backend {cfg["backend"]}, {len(m["rounds"])} of at most {cfg["rounds"]} rounds started, '
+             f'{points} sweep points per round']
+    for r in m['rounds']:
+        done = sum(run['status'] == 'done' for run in r['runs'])
+        failed = sum(run['status'] == 'failed' for run in r['runs'])
+        chosen = f'chosen {r["chosen"]["run"]} step {r["chosen"]["step"]}: {_score(r["chosen"]["score"])}' if r['chosen'] else ''
+        lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, '
+                     f'pending {points - done - failed}  {chosen}')
+        lines += [f'      {run["name"]}: failed: {run["error"]}' for run in r['runs'] if run['status'] == 'failed']
+    running = manifest.read_json(os.path.join(workdir, RUNNING))
+    if running and m['status'] == 'running':
+        lines.append(f'  local job {running["job"]} is running or was interrupted (log: {os.path.join(workdir, running["log"])})')
+    return lines
+
+
+def cost_rows(m) -> list:
+    """Per round: images seen by all its finished runs, by the chosen run alone, and cumulatively."""
+    total, rows = 0, []
+    for r in m['rounds']:
+        seen = sum(run['images'] for run in r['runs'])
+        total += seen
+        chosen = next((run['images'] for run in r['runs'] if r['chosen'] and run['name'] == r['chosen']['run']), 0)
+        rows.append(dict(round=r['round'], round_images=seen, chosen_images=chosen, cumulative_images=total))
+    return rows
+
+
+def table(m) -> str:
+    pretraining = m['config']['pretraining_images']
+    pct = (lambda n: f'{100 * n / pretraining:.3g}%') if pretraining else (lambda n: '-')
+    names = sorted({run['name'] for r in m['rounds'] for run in r['runs']})
+    header = ['round', 'reference score'] + names + ['chosen', 'best', 'images (round)', 'per run vs pretraining',
+                                                     'cumulative vs pretraining']
+    rows = []
+    for r, cost in zip(m['rounds'], cost_rows(m)):
+        by_name = {run['name']: run for run in r['runs']}
+        cells = [_score(by_name[n]['best']['score']) if n in by_name and by_name[n]['best'] else
+                 ('failed' if n in by_name else '') for n in names]
+        rows.append([str(r['round']), _score(r['reference_score'])] + cells +
+                    [r['chosen']['run'] if r['chosen'] else '', _score(r['chosen']['score'] if r['chosen'] else None),
+                     str(cost['round_images']), pct(cost['chosen_images']), pct(cost['cumulative_images'])])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines) + '\n'
+
+
+def plot(m, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    done = [r for r in m['rounds'] if r['chosen']]
+    for r in m['rounds']:
+        scores = [run['best']['score'] for run in r['runs'] if run['best']]
+        left.scatter([r['round']] * len(scores), scores, s=30, marker='x', color='0.4', zorder=3,
+                     label='sweep points (best of each run)' if r is m['rounds'][0] else None)
+    left.plot([r['round'] for r in done], [r['chosen']['score'] for r in done], 'o-', color='C0', label='best of round')
+    if m['rounds'] and m['rounds'][0]['reference_score'] is not None:
+        left.axhline(m['rounds'][0]['reference_score'], color='C3', ls='--', lw=1, label='pretrained')
+    left.set(xlabel='round', ylabel=f'{m["metric"]} (lower is better)', title='metric per round')
+    left.legend()
+    costs = cost_rows(m)
+    pretraining = m['config']['pretraining_images']
+    scale, unit = (100 / pretraining, '% of pretraining images') if pretraining else (1e-6, 'million images')
+    right.plot([c['round'] for c in costs], [c['cumulative_images'] * scale for c in costs], 'o-', label='all sweep points')
+    right.plot([c['round'] for c in costs], [sum(x['chosen_images'] for x in costs[:i + 1]) * scale for i in range(len(costs))],
+               's--', label='chosen runs only')
+    right.set(xlabel='round', ylabel=unit, title='cost so far (images seen)')
+    right.legend()
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.ticklabel_format(axis='y', useOffset=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(workdir) -> tuple:
+    """Write report.md and report.png into the work directory; return (table text, png path)."""
+    m = load(workdir)
+    text = table(m)
+    with open(os.path.join(workdir, 'report.md'), 'w') as f:
+        f.write(text)
+    png = os.path.join(workdir, 'report.png')
+    plot(m, png)
+    return text, png

@@ -1,0 +1,199 @@
+"""The round manager without upstream: config validation, per-round overrides, the paper configs, job
+scripts, and the SLURM path end to end with fake sbatch/squeue and hand-made run results."""
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+from ddo_patch import rounds_config
+from ddo_patch.cli import main
+from ddo_patch.rounds import _stop_reason
+from rounds_helpers import cli_runner, install_fake_slurm, read_manifest, write_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+@pytest.fixture
+def files(tmp_path):
+    for name in ('ref.pkl', 'stats.pkl', 'data.zip'):
+        (tmp_path / name).write_bytes(b'x')
+    return tmp_path
+
+
+def edm2_config(files, **changes):
+    top = dict(backend='edm2', rounds=2, pretrained='ref.pkl', data='data.zip')
+    tables = dict(run=dict(duration='2Ki', eval_every='1Ki'), sweep=dict(alpha=[1, 2], beta=[0.05]),
+                  evaluate=dict(metric='fid', reference='stats.pkl'))
+    for key, value in changes.items():
+        table, _, name = key.rpartition('__')
+        target = tables.setdefault(table, {}) if table else top
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    return write_config(files / 'run.toml', top, tables)
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(backend='stylegan'), "unknown backend 'stylegan'"),
+    (dict(sweep__alpha=[]), 'sweep.alpha must be a non-empty list'),
+    (dict(sweep__alpha=[1, -0.5]), 'sweep.alpha value must be >= 0, got -0.5'),
+    (dict(sweep__beta=[0]), 'sweep.beta value must be > 0, got 0'),
+    (dict(rounds=0), 'rounds must be an integer >= 1'),
+    (dict(pretrained='missing.pkl'), 'pretrained'),
+    (dict(evaluate__reference=None), 'evaluate.reference'),
+    (dict(train__P_sdt=3.0), 'unknown edm2 train option P_sdt'),
+    (dict(run__eval_every='1000'), 'multiple of 1024'),
+    (dict(run__duration='3Ki', run__eval_every='2Ki'), 'must be a multiple of run.eval_every'),
+    (dict(launcher__kind='kubernetes'), 'unknown launcher.kind'),
+    (dict(launcher__kind='slurm', launcher__template='#!/bin/bash\n'), 'must contain {{commands}}'),
+    (dict(data='${NO_SUCH_VARIABLE_HERE}/x.zip'), '${NO_SUCH_VARIABLE_HERE}, which is not set'),
+])
+def test_invalid_config_is_one_line_and_runs_nothing(files, changes, message):
+    config = edm2_config(files, **changes)
+    workdir = files / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], result.stderr
+    assert not workdir.exists()
+
+
+def test_overrides_apply_from_their_round_in_order(files):
+    path = write_config(files / 'o.toml', dict(backend='edm2', rounds=28, pretrained='ref.pkl', data='data.zip'),
+                        dict(run=dict(duration='1Ki', eval_every='1Ki'), sweep=dict(alpha=[1], beta=[0.1]),
+                             train=dict(P_std=1.6, lr=1e-4), evaluate=dict(metric='fid', reference='stats.pkl')),
+                        [('override', dict(from_round=22, P_std=3.0)), ('override', dict(from_round=18, P_std=2.0)),
+                         ('override', dict(from_round=25, lr=5e-5))])
+    cfg = rounds_config.load(path)
+    assert [cfg.round_options(r)['P_std'] for r in (1, 17, 18, 21, 22, 28)] == [1.6, 1.6, 2.0, 2.0, 3.0, 3.0]
+    assert [cfg.round_options(r)['lr'] for r in (24, 25)] == [1e-4, 5e-5]
+    assert cfg.data == str(files / 'data.zip')   # relative to the config file
+
+
+def test_paper_configs_encode_appendix_c(tmp_path, monkeypatch):
+    for name in ('img64.zip', 'img512-sd.zip', 'var_d16.pth', 'var_d30.pth', 'vae_ch160v4096z32.pth'):
+        (tmp_path / name).write_bytes(b'x')
+    (tmp_path / 'imagenet').mkdir()
+    monkeypatch.setenv('DATASETS', str(tmp_path))
+    monkeypatch.setenv('CHECKPOINTS', str(tmp_path))
+    img64 = rounds_config.load(os.path.join(CONFIGS, 'edm2-img64-s.toml'))
+    assert img64.rounds == 24 and img64.duration == 6400 << 10 and img64.eval_every == 1 << 17
+    assert [(img64.round_options(r)['P_std'], img64.round_options(r)['lr']) for r in (16, 17)] == [(1.6, 5e-5), (3.0, 2e-5)]
+    assert min(img64.alphas) == 0.5 and max(img64.alphas) == 6 and min(img64.betas) == 0.01 and max(img64.betas) == 0.1
+    img512 = rounds_config.load(os.path.join(CONFIGS, 'edm2-img512-l.toml'))
+    assert img512.rounds == 28 and img512.eval_every == 1 << 18
+    assert [img512.round_options(r)['P_std'] for r in (17, 18, 22)] == [1.6, 2.0, 3.0]
+    assert [img512.round_options(r)['lr'] for r in (24, 25)] == [1e-4, 5e-5]
+    for name, depth in (('var-d16.toml', 16), ('var-d30.toml', 30)):
+        var = rounds_config.load(os.path.join(CONFIGS, name))
+        assert var.rounds == 2 and var.duration == 80 and var.eval_every == 4 and var.betas == [0.02]
+        assert var.train['depth'] == depth and var.train['lr'] == 4e-6 and var.train['global_batch'] == 1024
+        assert min(var.alphas) >= 10 and max(var.alphas) <= 100
+
+
+def test_stop_rule_counts_consecutive_small_improvements(files):
+    cfg = rounds_config.load(edm2_config(files, stop__min_improvement=0.1, stop__patience=2))
+    rounds = [dict(improvement=v) for v in (1.0, 0.05, 0.5, 0.05)]
+    assert _stop_reason(cfg, rounds) is None
+    assert 'for 2 round(s)' in _stop_reason(cfg, rounds + [dict(improvement=-0.3)])
+
+
+SLURM_TEMPLATE = '''#!/bin/bash
+#SBATCH --job-name={{job_name}}
+#SBATCH --nodes={{nodes}}
+#SBATCH --gpus-per-node={{nproc_per_node}}
+#SBATCH --output={{log}}
+{{commands}}
+'''
+
+
+def _finish_run(workdir, run_dir, scores, exit_status=0):
+    """What a finished EDM2 sweep-point job leaves behind: snapshots, eval.json, and its status file."""
+    os.makedirs(workdir / run_dir)
+    results = []
+    for kimg, score in enumerate(scores):
+        name = f'network-snapshot-{kimg:07d}-0.050.pkl'
+        (workdir / run_dir / name).write_bytes(f'{run_dir} {kimg}'.encode())
+        results.append({'snapshot': name, 'fid': score})
+    (workdir / run_dir / 'eval.json').write_text(json.dumps({'results': results}))
+    (workdir / f'{run_dir}.status').write_text(json.dumps({'exit_status': exit_status, 'wall_seconds': 5}))
+
+
+def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, monkeypatch):
+    state = install_fake_slurm(tmp_path, monkeypatch)
+    config = edm2_config(files, rounds=1, sweep__alpha=[1, 2, 3], launcher__kind='slurm', launcher__nodes=2,
+                         launcher__nproc_per_node=8, launcher__template=SLURM_TEMPLATE, launcher__poll_seconds=0.01,
+                         launcher__env={'NCCL_DEBUG': 'WARN'})
+    workdir = tmp_path / 'work'
+    cli = ['rounds', 'run', config, '--workdir', str(workdir), '--no-wait']
+    submitted = lambda: (state / 'submitted').read_text().splitlines()  # noqa: E731
+
+    assert cli_runner().invoke(main, cli).exit_code == 0   # submits the reference samples, returns
+    assert len(submitted()) == 1
+    script = (workdir / 'round01' / 'reference-samples.sh').read_text()
+    assert '#SBATCH --job-name=round01-reference-samples\n#SBATCH --nodes=2\n#SBATCH --gpus-per-node=8' in script
+    assert f'#SBATCH --output={workdir}/round01/reference-samples.log' in script
+    assert 'export NCCL_DEBUG=WARN' in script and 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
+    assert ('srun --ntasks-per-node=1' in script and '-m torch.distributed.run --nnodes=2 --nproc_per_node=8 '
+            '--rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:29500" -m edm2_ext.generate' in script)
+    assert cli_runner().invoke(main, cli).exit_code == 0   # still queued: nothing submitted again
+    assert len(submitted()) == 1
+
+    (workdir / 'round01' / 'reference-samples.status').write_text('{"exit_status": 0, "wall_seconds": 60}')
+    assert cli_runner().invoke(main, cli).exit_code == 0   # samples done: one job per sweep point
+    assert [line.split()[1] for line in submitted()[1:]] == [str(workdir / 'round01' / f'a{a}_b0.05.sh') for a in (1, 2, 3)]
+    train = (workdir / 'round01' / 'a2_b0.05.sh').read_text()
+    assert "[ ! -e round01/a2_b0.05/training-state-0000002.pt ]; then" in train
+    assert '-m edm2_ext.train --outdir round01/a2_b0.05' in train and '--ddo-alpha 2 --ddo-beta 0.05' in train
+    assert '-m edm2_ext.evaluate --net round01/a2_b0.05' in train
+
+    (state / 'queued').write_text('')   # every job left the queue; only two wrote a status
+    _finish_run(workdir, 'round01/a1_b0.05', [9.0, 7.0, 8.0])
+    _finish_run(workdir, 'round01/a3_b0.05', [9.0, 7.0, 7.0], exit_status=1)
+    assert cli_runner().invoke(main, cli).exit_code == 0
+    assert submitted()[-1].split()[1].endswith('a2_b0.05.sh') and len(submitted()) == 5   # the lost one, again
+    _finish_run(workdir, 'round01/a2_b0.05', [9.0, 7.0, 6.5])
+    result = cli_runner().invoke(main, cli[:-1])          # waits (polls) until everything is read back
+    assert result.exit_code == 0, result.output
+    m = read_manifest(workdir)
+    assert m['status'] == 'done'
+    runs = {r['name']: r for r in m['rounds'][0]['runs']}
+    assert runs['a3_b0.05']['status'] == 'failed' and 'exit status 1' in runs['a3_b0.05']['error']
+    assert runs['a1_b0.05']['best']['step'] == 1 and runs['a1_b0.05']['best']['score'] == 7.0
+    chosen = m['rounds'][0]['chosen']
+    assert (chosen['run'], chosen['step'], chosen['score']) == ('a2_b0.05', 2, 6.5)
+    snapshot = workdir / chosen['snapshot']
+    assert chosen['sha256'] == hashlib.sha256(snapshot.read_bytes()).hexdigest()
+    assert m['rounds'][0]['reference_score'] == 9.0 and m['rounds'][0]['improvement'] == pytest.approx(2.5)
+
+
+def test_a_work_directory_refuses_a_changed_config_but_not_more_rounds(files, tmp_path, monkeypatch):
+    install_fake_slurm(tmp_path, monkeypatch)
+    slurm = dict(launcher__kind='slurm', launcher__template=SLURM_TEMPLATE)
+    workdir = str(tmp_path / 'work')
+    assert cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, **slurm), '--workdir', workdir, '--no-wait']).exit_code == 0
+    more = cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, rounds=5, **slurm), '--workdir', workdir, '--no-wait'])
+    assert more.exit_code == 0 and read_manifest(workdir)['config']['rounds'] == 5
+    changed = cli_runner().invoke(main, ['rounds', 'run', edm2_config(files, rounds=5, sweep__beta=[0.1], train__lr=1e-3, **slurm),
+                                         '--workdir', workdir, '--no-wait'])
+    assert changed.exit_code == 2
+    assert changed.stderr.strip() == (f'error: {workdir} was started with a different configuration (betas, train changed); '
+                                      'restore it or use a new --workdir (only rounds, stop, launcher may change)')
+
+
+def test_example_refuses_an_existing_directory(tmp_path):
+    result = cli_runner().invoke(main, ['rounds', 'example', str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.strip() == f'error: {tmp_path} exists; give a new directory for the example'
+
+
+def test_local_launcher_uses_torchrun_for_several_processes():
+    from ddo_patch.rounds_launch import Command, command_line
+    command = Command('edm2_ext.train', ['--outdir', 'round01/a1_b0.1'])
+    local = dict(kind='local', nodes=1, env={})
+    python = sys.executable
+    assert command_line(dict(local, nproc_per_node=1), command) == f'{python} -m edm2_ext.train --outdir round01/a1_b0.1'
+    assert command_line(dict(local, nproc_per_node=2), command) == (
+        f'{python} -m torch.distributed.run --standalone --nproc_per_node=2 -m edm2_ext.train --outdir round01/a1_b0.1')

@@ -1,0 +1,192 @@
+"""The round manager driving the real upstream EDM2 code on the CPU (tiny world of `rounds example`):
+two rounds x two sweep points end to end, a manager SIGKILLed mid-generation, mid-training and
+mid-evaluation that ends with the same manifest, a sweep point with a NaN loss, a round where every run fails.
+The manager runs as a subprocess, exactly as users run it."""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rounds_helpers import comparable, read_manifest
+
+pytestmark = pytest.mark.upstream
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny-cpu-edm2.toml')
+
+
+@pytest.fixture(scope='module')
+def world(edm2_root, tmp_path_factory):
+    from ddo_patch.rounds_example import make_example
+    root = tmp_path_factory.mktemp('rounds-edm2')
+    paths = make_example(str(root / 'tiny'), edm2_root)
+    env = dict(os.environ, DDO_TINY=str(root / 'tiny'), EDM2_ROOT=str(edm2_root))
+    return dict(root=root, env=env, **paths)
+
+
+def manager(world, config, workdir, *command):
+    return [sys.executable, '-m', 'ddo_patch.cli', 'rounds', *(command or ('run',)), *([config] if config else []),
+            *(['--workdir'] if config else []), str(workdir)]
+
+
+def run_manager(world, config, workdir, check=True):
+    proc = subprocess.run(manager(world, config, workdir), env=world['env'], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'rounds run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def variant(world, name, **replacements):
+    """The shipped tiny config with some lines replaced."""
+    text = open(TINY_CONFIG).read()
+    for old, new in replacements.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = world['root'] / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(world):
+    workdir = world['root'] / 'uninterrupted'
+    proc = run_manager(world, TINY_CONFIG, workdir)
+    return dict(workdir=workdir, stdout=proc.stdout, manifest=read_manifest(workdir))
+
+
+def test_two_rounds_two_points_promote_the_best_snapshot(uninterrupted):
+    m, workdir = uninterrupted['manifest'], uninterrupted['workdir']
+    assert m['status'] == 'done' and m['metric'] == 'fid' and m['step_unit'] == 'kimg' and len(m['rounds']) == 2
+    for r in m['rounds']:
+        assert r['status'] == 'done' and [run['name'] for run in r['runs']] == ['a1_b0.05', 'a4_b0.05']
+        for run in r['runs']:
+            assert run['status'] == 'done' and run['exit_status'] == 0 and run['images'] == 1024
+            assert [e['step'] for e in run['evaluations']] == [0, 1]
+            assert run['best']['score'] == min(e['score'] for e in run['evaluations'])
+            assert '-m edm2_ext.train' in run['commands'][0] and f'--ddo-alpha {run["alpha"]:g}' in run['commands'][0]
+            assert '-m edm2_ext.evaluate' in run['commands'][1]
+        chosen = r['chosen']
+        assert chosen['score'] == min(run['best']['score'] for run in r['runs'])
+        assert chosen['sha256'] == hashlib.sha256((workdir / chosen['snapshot']).read_bytes()).hexdigest()
+    first, second = m['rounds']
+    assert first['reference']['sha256'] == hashlib.sha256(open(first['reference']['path'], 'rb').read()).hexdigest()
+    # Round 2 starts from round 1's chosen snapshot: the same file, so (up to float noise) the same score at step 0.
+    assert second['reference'] == dict(path=first['chosen']['snapshot'], sha256=first['chosen']['sha256'],
+                                       promoted_from=first['chosen']['run'])
+    assert f'--net {first["chosen"]["snapshot"]} ' in second['reference_samples']['command']
+    assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
+    assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-4)
+
+
+def test_status_and_report(world, uninterrupted):
+    workdir = uninterrupted['workdir']
+    status = subprocess.run(manager(world, None, workdir, 'status'), env=world['env'], capture_output=True, text=True)
+    assert status.returncode == 0 and 'done; backend edm2, 2 of at most 2 rounds' in status.stdout
+    assert status.stdout.count('runs done 2, failed 0, pending 0') == 2
+    report = subprocess.run(manager(world, None, workdir, 'report'), env=world['env'], capture_output=True, text=True)
+    assert report.returncode == 0
+    png = workdir / 'report.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10000
+    rows = [line for line in (workdir / 'report.md').read_text().splitlines() if line.startswith('| 1 |') or line.startswith('| 2 |')]
+    chosen = uninterrupted['manifest']['rounds'][0]['chosen']
+    # 2 runs x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 200% then 400% in all
+    assert rows[0].endswith(f'| {chosen["run"]} | {chosen["score"]:.4g} | 2048 | 100% | 200% |')
+    assert rows[1].endswith('| 2048 | 100% | 400% |')
+
+
+def _kill_when(args, env, ready, log, timeout=180):
+    """Start the manager, SIGKILL it (only it: its job is orphaned, as after an OOM kill) once `ready()`."""
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+def _weights(path):
+    with open(path, 'rb') as f:
+        return pickle.load(f)['ema'].state_dict()
+
+
+def _eval_results(path):
+    try:
+        return len(json.loads(path.read_text())['results'])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkilled_manager_resumes_to_the_same_manifest(world, uninterrupted, edm2_root):
+    from ddo_patch import upstream
+    upstream.activate('edm2', edm2_root)   # to unpickle the snapshots below
+    workdir = world['root'] / 'killed'
+    args = manager(world, TINY_CONFIG, workdir)
+    fake = workdir / 'round01' / 'reference-samples.zip'
+    run = workdir / 'round01' / 'a1_b0.05'
+    evaluation = workdir / 'round02' / 'a1_b0.05' / 'eval.json'
+    kill_points = {
+        'mid-generation': lambda: not fake.exists() and len(list(fake.parent.glob('*.partial/*/*.png'))) >= 16,
+        'mid-training': lambda: (run / 'stats.jsonl').exists() and not (run / 'training-state-0000001.pt').exists(),
+        'mid-evaluation': lambda: _eval_results(evaluation) == 1,
+    }
+    with open(world['root'] / 'killed.log', 'w') as log:
+        for name, ready in kill_points.items():
+            assert _kill_when(args, world['env'], ready, log), f'the manager finished before the {name} kill'
+    leftovers = (world['root'] / 'killed.log').read_text().count('leftover process(es) of the interrupted job')
+    assert leftovers >= 2   # the reruns stopped the orphaned jobs before running them again
+    partial_pngs = len(list(fake.parent.glob('*.partial/*/*.png')))
+    assert partial_pngs == 0 and fake.exists()
+    run_manager(world, TINY_CONFIG, workdir)
+    resumed = read_manifest(workdir)
+    assert comparable(resumed) == comparable(uninterrupted['manifest'])   # every score, choice and command
+    for r in resumed['rounds']:   # and every run's best snapshot has exactly the weights of the uninterrupted one
+        for run in r['runs']:
+            best = run['best']['snapshot']
+            assert run['best']['sha256'] == hashlib.sha256((workdir / best).read_bytes()).hexdigest()
+            assert _weights(workdir / best).keys() == _weights(uninterrupted['workdir'] / best).keys()
+            for key, value in _weights(workdir / best).items():
+                assert torch.equal(value, _weights(uninterrupted['workdir'] / best)[key]), (best, key)
+
+
+def test_nan_loss_point_fails_and_the_round_goes_on(world):
+    config = variant(world, 'nan.toml', **{'rounds = 2': 'rounds = 1', 'alpha = [1, 4]': 'alpha = [1, 1e39]'})
+    workdir = world['root'] / 'nan'
+    proc = run_manager(world, config, workdir)
+    m = read_manifest(workdir)
+    runs = {run['name']: run for run in m['rounds'][0]['runs']}
+    failed = runs['a1e+39_b0.05']
+    assert failed['status'] == 'failed' and failed['exit_status'] == 0 and failed['best'] is None
+    assert failed['error'].startswith('non-finite loss (nan) at 0.032 kimg')
+    assert runs['a1_b0.05']['status'] == 'done' and m['rounds'][0]['chosen']['run'] == 'a1_b0.05'
+    assert m['status'] == 'done' and 'a1e+39_b0.05: failed (non-finite loss' in proc.stdout
+
+
+def test_round_where_every_run_fails_stops_with_a_clear_message(world):
+    config = variant(world, 'all-fail.toml', **{'rounds = 2': 'rounds = 1', 'alpha = [1, 4]': 'alpha = [1e39]',
+                                                'seeds = "0-63"': 'seeds = "0-3"'})
+    workdir = world['root'] / 'all-fail'
+    proc = run_manager(world, config, workdir, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith('error: round 1: all 1 runs failed (a1e+39_b0.05: non-finite loss (nan)')
+    assert lines[0].endswith('nothing to promote, stopping (fix the cause, then rerun with --retry-failed)')
+    m = read_manifest(workdir)
+    assert m['status'] == 'failed' and m['stop_reason'] == 'every run of round 1 failed'
+    log = workdir / 'round01' / 'a1e+39_b0.05.log'
+    size = log.stat().st_size
+    again = run_manager(world, config, workdir, check=False)   # a failed run is final: nothing runs again
+    assert again.returncode == 2 and again.stderr == proc.stderr and log.stat().st_size == size
+    args = manager(world, config, workdir) + ['--retry-failed']
+    retried = subprocess.run(args, env=world['env'], capture_output=True, text=True, timeout=600)
+    assert retried.returncode == 2 and retried.stderr == proc.stderr and log.stat().st_size > size   # it ran again

@@ -1,0 +1,68 @@
+"""The round manager driving `var_ext.train` (real upstream VAR modules, CPU): two rounds x two sweep points
+with the tiny random VQVAE + VAR and the synthetic token data of `var_tiny`, selection from the
+trainer's own evaluations (`metrics.jsonl`, `var-ddo-best.pth`), the best checkpoint promoted."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rounds_helpers import read_manifest, write_config
+
+pytestmark = pytest.mark.upstream
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ITERATIONS, EVAL_EVERY, BATCH = 4, 2, 8
+
+
+@pytest.fixture(scope='module')
+def var_run(var_root, tmp_path_factory):
+    if importlib.util.find_spec('var_ext.train') is None:
+        pytest.skip('var_ext.train is not in this checkout (the VAR entry point comes with the VAR work)')
+    from var_tiny import tiny_checkpoints
+    root = tmp_path_factory.mktemp('rounds-var')
+    vae, ckpt = tiny_checkpoints(str(var_root), str(root))
+    config = write_config(root / 'var.toml', dict(backend='var', rounds=2, pretrained=ckpt, pretraining_images=1024), dict(
+        run=dict(duration=ITERATIONS, eval_every=EVAL_EVERY), sweep=dict(alpha=[10, 50], beta=[0.02]),
+        train=dict(depth=2, vae=vae, patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,
+                   dataset='var_tiny:token_dataset', workers=0, global_batch=BATCH, lr=1e-3),
+        evaluate=dict(metric='var_tiny:brightness', samples=10, cfg=0),
+        launcher=dict(kind='local', nproc_per_node=1, env={'OMP_NUM_THREADS': '1'})))
+    env = dict(os.environ, VAR_ROOT=str(var_root), PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')])))
+    workdir = root / 'work'
+    proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', str(workdir)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(workdir=workdir, ckpt=ckpt, manifest=read_manifest(workdir))
+
+
+def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkpoint(var_run):
+    m, workdir = var_run['manifest'], var_run['workdir']
+    assert m['status'] == 'done' and m['metric'] == 'var_tiny:brightness (cfg=0)' and m['step_unit'] == 'iterations'
+    first, second = m['rounds']
+    assert first['reference']['path'] == var_run['ckpt'] and first['reference_samples'] is None   # sampled online
+    assert second['reference'] == dict(path=first['chosen']['snapshot'], sha256=first['chosen']['sha256'],
+                                       promoted_from=first['chosen']['run'])
+    assert all(f'--ckpt {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
+    assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-6)   # the same weights
+    for r in m['rounds']:
+        _check_round(workdir, r)
+
+
+def _check_round(workdir, r):
+    assert [run['name'] for run in r['runs']] == ['a10_b0.02', 'a50_b0.02']
+    for run in r['runs']:
+        assert run['status'] == 'done' and run['images'] == ITERATIONS * BATCH
+        assert f'-m var_ext.train --outdir {r["dir"]}/{run["name"]} --ckpt {r["reference"]["path"]} --ddo-alpha {run["alpha"]:g}' in run['commands'][0]
+        rows = [json.loads(line) for line in (workdir / run['run_dir'] / 'metrics.jsonl').read_text().splitlines()]
+        assert [e['step'] for e in run['evaluations']] == [row['iteration'] for row in rows] == [0, 2, 4]
+        assert [e['score'] for e in run['evaluations']] == [row['cfg=0'] for row in rows]
+        best = min(rows, key=lambda row: (row['cfg=0'], row['iteration']))
+        assert (run['best']['step'], run['best']['score']) == (best['iteration'], best['cfg=0']) and best['iteration'] == rows[-1]['best']
+        assert run['best']['snapshot'] == f'{run["run_dir"]}/var-ddo-best.pth'
+        assert run['best']['sha256'] == hashlib.sha256((workdir / run['best']['snapshot']).read_bytes()).hexdigest()
+    assert r['chosen']['score'] == min(run['best']['score'] for run in r['runs'])
+    assert r['reference_score'] == r['runs'][0]['evaluations'][0]['score'] == r['runs'][1]['evaluations'][0]['score']
