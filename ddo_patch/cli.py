@@ -2,7 +2,7 @@
 
 import click
 
-from ddo_patch import upstream
+from ddo_patch import patch_cli, upstream
 from ddo_patch.errors import DDOPatchError, EXIT_USER_ERROR
 
 
@@ -60,6 +60,10 @@ def demo(outdir, rounds, seed, alpha, beta, preset):
     """
     from ddo_patch import demo as demo_mod
     demo_mod.run_demo(outdir=outdir, rounds=rounds, seed=seed, alpha=alpha, beta=beta, preset=preset)
+
+
+for command in patch_cli.COMMANDS:
+    main.add_command(command)
 
 
 if __name__ == '__main__':
