@@ -214,3 +214,41 @@ def test_train_edm2_ddo_refuses_bad_options_in_one_line(patched_edm2, change, me
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f'Error: {message}'), proc.stderr
     assert not os.path.exists(p['root'] / 'never')
+
+
+# ---- The patched VAR sampler --------------------------------------------------------------------------------
+
+SAMPLER_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from models import build_vae_var
+vae, var = build_vae_var(device='cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, num_classes=10, depth=2,
+                         flash_if_available=False, fused_if_available=False)
+torch.manual_seed(0)  # the same weights in every process (upstream leaves the VQVAE uninitialised)
+for p in list(vae.parameters()) + list(var.parameters()):
+    p.data.normal_(0, 0.3)
+batch_sizes = []
+var.blocks[0].register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(kwargs['x'].shape[0]), with_kwargs=True)
+results = {}
+for cfg in (0.0, 1.5):
+    batch_sizes.clear()
+    images = var.autoregressive_infer_cfg(B=4, label_B=torch.arange(4), g_seed=0, cfg=cfg)
+    results[cfg] = (images, list(batch_sizes))
+torch.save(results, sys.argv[2])
+'''
+
+
+def test_var_sampler_skips_the_unconditional_half_at_cfg_0_with_the_same_samples(var_root, tmp_path):
+    import torch
+    repo = fresh_copy(var_root, tmp_path / 'var', keep_git=False)
+    patching.apply(repo)
+    samples = {}
+    for name, root in (('upstream', var_root), ('patched', repo)):
+        subprocess.run([sys.executable, '-c', SAMPLER_SCRIPT, str(root), str(tmp_path / f'{name}.pt')], cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), check=True, capture_output=True, timeout=120)
+        samples[name] = torch.load(tmp_path / f'{name}.pt')
+    assert samples['upstream'][0.0][1] == [8] * 4 and samples['patched'][0.0][1] == [4] * 4  # B = 4 per scale, not 2B
+    assert samples['upstream'][1.5][1] == samples['patched'][1.5][1] == [8] * 4
+    for cfg in (0.0, 1.5):
+        assert torch.equal(samples['patched'][cfg][0], samples['upstream'][cfg][0])
+    assert not torch.equal(samples['patched'][0.0][0], samples['patched'][1.5][0])
