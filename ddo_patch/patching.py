@@ -1,16 +1,20 @@
 """Applying, checking and reverting the patch files under `patches/<upstream>/` on a user's checkout.
 
-Every operation first replays the whole series in a scratch directory that holds copies of only the
-files the patches touch, with `git apply` (which works outside git repositories), and writes to the
-checkout only if every selected patch went through there: a conflict anywhere leaves the checkout
-untouched, never half-patched. Which patches are applied is read from the files themselves, so no state
-is stored: a patch counts as applied when it reverses cleanly (checked before the forward direction,
-because an additive patch may still apply forward on top of itself). Applying twice is a no-op, and
-reverting replays the applied patches backwards, which restores the files byte for byte.
+Every operation works on a scratch directory that holds copies of only the files the patches touch, with
+`git apply` (which works outside git repositories), and writes to the checkout only if every step went
+through there: a conflict anywhere leaves the checkout untouched, never half-patched. No state is stored;
+which patches are applied is read from the files:
 
-A git checkout's commit is its HEAD. A plain copy (no `.git`) is identified by content: with the applied
-patches reversed, each touched file must hash (as a git blob) to the pinned blob recorded in the
-`index <pinned>..<patched>` line of the first patch that touches it (`git format-patch --full-index`).
+1. unwind: walk the series backwards, reversing each patch that reverses cleanly (a later patch may
+   change the context of an earlier one, so the order matters); what remains is the unpatched files;
+2. replay: walk it forwards, applying the patches that should end up applied (those that were, plus the
+   selected ones for `apply`/`check`; those that were, minus the selected ones for `revert`). A patch
+   that does not apply there conflicts with a local edit.
+
+Applying twice is therefore a no-op, and revert restores the files byte for byte. A git checkout's
+commit is its HEAD. A plain copy (no `.git`) is identified by content: after the unwind, each touched
+file must hash (as a git blob) to the pinned blob in the `index <pinned>..<patched>` line of the first
+patch that touches it (the patches are made with `git format-patch --full-index`).
 """
 
 from __future__ import annotations
@@ -122,39 +126,38 @@ def _git_apply(scratch: Path, patch: Patch, *flags) -> Optional[str]:
 
 
 class _Scratch:
-    """Copies of the touched files of a checkout, patched in place of the checkout."""
+    """Copies of the touched files of a checkout (or of another scratch), patched in place of the checkout."""
 
-    def __init__(self, root: Path, patches: list, tmp: str):
-        self.root, self.dir = root, Path(tmp) / 'tree'
-        self.files = sorted({f for p in patches for f in p.files})
+    def __init__(self, source: Path, files, folder: Path):
+        self.dir, self.files = folder, files
+        self.dir.mkdir(parents=True)
         for rel in self.files:
-            if (root / rel).is_file():
+            if (source / rel).is_file():
                 (self.dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(root / rel, self.dir / rel)
-        self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / rel, self.dir / rel)
 
-    def step(self, patch: Patch, reverse: bool, write: bool) -> tuple:
-        """(state, reason) of `patch` here; with `write`, move it towards applied (or, `reverse`, unapplied)."""
-        if _git_apply(self.dir, patch, '--check', '--reverse') is None:
-            if write and reverse:
-                _git_apply(self.dir, patch, '--reverse')
-            return APPLIED, ''
-        error = _git_apply(self.dir, patch, '--check')
-        if error is not None:
-            return CONFLICT, error
-        if write and not reverse:
-            _git_apply(self.dir, patch)
-        return APPLICABLE, ''
+    def unwind(self, patches: list) -> set:
+        """Reverse the applied patches, last first; returns their names."""
+        applied = set()
+        for patch in reversed(patches):
+            if _git_apply(self.dir, patch, '--reverse') is None:
+                applied.add(patch.name)
+        return applied
 
-    def blob(self, rel: str) -> str:
-        path = self.dir / rel
-        return git_blob_hash(path.read_bytes()) if path.is_file() else '0' * 40
+    def apply(self, patch: Patch, check_only: bool = False) -> Optional[str]:
+        return _git_apply(self.dir, patch, *(['--check'] if check_only else []))
 
-    def write_back(self) -> list:
-        """Make the checkout's touched files equal to the scratch copies; returns the changed paths."""
-        changed = []
+    def matches(self, blobs: dict) -> bool:
+        for rel, blob in blobs.items():
+            path = self.dir / rel
+            if (git_blob_hash(path.read_bytes()) if path.is_file() else '0' * 40) != blob:
+                return False
+        return True
+
+    def write_back(self, root: Path):
+        """Make the checkout's touched files equal to the scratch copies (each replaced atomically)."""
         for rel in self.files:
-            source, target = self.dir / rel, self.root / rel
+            source, target = self.dir / rel, root / rel
             if source.is_file():
                 data = source.read_bytes()
                 if target.is_file() and target.read_bytes() == data:
@@ -165,76 +168,71 @@ class _Scratch:
                 if target.is_file():
                     shutil.copymode(target, tmp)
                 os.replace(tmp, target)
-                changed.append(rel)
             elif target.is_file():
                 target.unlink()
-                changed.append(rel)
-        return changed
 
 
-def _plain_copy_commit(name: str, root: Path, patches: list) -> Optional[str]:
-    """The pinned commit if the touched files, with the applied patches reversed, are the pinned blobs."""
-    pinned = {}
+def pinned_blobs(patches: list) -> dict:
+    """Touched path -> its blob at the pinned commit: the preimage in the first patch that touches it."""
+    blobs = {}
     for patch in patches:
         for rel in patch.files:
-            pinned.setdefault(rel, patch.blobs.get(rel))
-    with tempfile.TemporaryDirectory(prefix='ddo-patch-') as tmp:
-        scratch = _Scratch(root, patches, tmp)
-        for patch in reversed(patches):
-            if scratch.step(patch, reverse=True, write=True)[0] == CONFLICT:
-                return None
-        if all(scratch.blob(rel) == blob for rel, blob in pinned.items()):
-            return upstream.get_upstream(name).commit
-    return None
+            blobs.setdefault(rel, patch.blobs.get(rel))
+    return blobs
 
 
-def _describe(root: Path) -> tuple:
-    """(upstream name, its patch series, Report without states), warning when the commit is not the pin."""
+def _replay(root, only, command: str) -> Report:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DDOPatchError(f'{root} is not a directory; pass --repo the folder of an EDM2 or VAR checkout')
     name = identify(root)
+    up = upstream.get_upstream(name)
     patches = series(name)
-    pin = upstream.get_upstream(name).commit
-    has_git = (root / '.git').exists()
-    commit = upstream.git_commit(root) if has_git else _plain_copy_commit(name, root, patches)
-    report = Report(name, root, commit, commit == pin, {})
-    if not report.pinned:
-        where = f'at commit {commit}' if commit else 'a plain copy whose files match no pinned version'
-        warnings.warn(f'{root} is {where}; the patches are written against {name} {pin}', upstream.UpstreamCommitWarning, stacklevel=3)
-    return name, patches, report
-
-
-def _replay(root, only, reverse: bool, write: bool) -> Report:
-    name, all_patches, report = _describe(root)
-    chosen = select(all_patches, only)
+    chosen = {p.name for p in select(patches, only)}
     with tempfile.TemporaryDirectory(prefix='ddo-patch-') as tmp:
-        scratch = _Scratch(report.root, all_patches, tmp)
-        for patch in (reversed(chosen) if reverse else chosen):
-            state, reason = scratch.step(patch, reverse=reverse, write=True)
-            report.states[patch.name] = f'{state}: {reason}' if reason else state
+        scratch = _Scratch(root, sorted({f for p in patches for f in p.files}), Path(tmp) / 'tree')
+        applied = scratch.unwind(patches)
+        if (root / '.git').exists():
+            commit = upstream.git_commit(root)
+        else:
+            commit = up.commit if scratch.matches(pinned_blobs(patches)) else None
+        report = Report(name, root, commit, commit == up.commit, {})
+        if not report.pinned:
+            where = f'at commit {commit}' if commit else 'a plain copy whose files match no pinned version'
+            warnings.warn(f'{root} is {where}; the patches are written against {name} {up.commit}',
+                          upstream.UpstreamCommitWarning, stacklevel=3)
+
+        # The whole series must apply to the unwound files: a patch that neither reverses nor applies there
+        # meets local edits (also when it is only to be reverted: its lines were edited after applying).
+        full = _Scratch(scratch.dir, scratch.files, Path(tmp) / 'full')
+        errors = {patch.name: full.apply(patch) for patch in patches}
+        wanted = applied - chosen if command == 'revert' else applied | chosen
+        for patch in patches:
+            error = errors[patch.name] or (scratch.apply(patch) if patch.name in wanted else None)
+            if patch.name in chosen or (error and patch.name in wanted):
+                state = APPLIED if patch.name in applied else APPLICABLE
+                report.states[patch.name] = f'{CONFLICT}: {error}' if error else state
+
         conflicts = [f'{n} ({s.split(": ", 1)[1]})' for n, s in report.states.items() if s.startswith(CONFLICT)]
-        if write and conflicts:
-            raise DDOPatchError(f'nothing changed in {report.root}: {"; ".join(conflicts)} does not apply; '
-                                f'undo the local edits to those files (or use a fresh checkout at {name} '
-                                f'{upstream.get_upstream(name).commit[:12]})')
-        if write:
-            scratch.write_back()
-    if reverse:  # report in series order
-        report.states = {p.name: report.states[p.name] for p in chosen}
+        if command != 'check' and conflicts:
+            raise DDOPatchError(f'nothing changed in {root}: {"; ".join(conflicts)} does not apply; undo the local '
+                                f'edits to those files, or use a fresh checkout of {name} at {up.commit[:12]} (a patch '
+                                f'needs the ones before it in the series)')
+        if command != 'check':
+            scratch.write_back(root)
     return report
 
 
 def check(root, only: Iterable[str] = ()) -> Report:
     """What `apply` would do with each patch (applied / would apply / conflict); changes nothing."""
-    return _replay(root, only, reverse=False, write=False)
+    return _replay(root, only, 'check')
 
 
 def apply(root, only: Iterable[str] = ()) -> Report:
     """Apply the selected patches that are not applied yet; all or nothing."""
-    return _replay(root, only, reverse=False, write=True)
+    return _replay(root, only, 'apply')
 
 
 def revert(root, only: Iterable[str] = ()) -> Report:
     """Reverse the selected patches that are applied, restoring the files byte for byte; all or nothing."""
-    return _replay(root, only, reverse=True, write=True)
+    return _replay(root, only, 'revert')

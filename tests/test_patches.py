@@ -252,3 +252,70 @@ def test_var_sampler_skips_the_unconditional_half_at_cfg_0_with_the_same_samples
     for cfg in (0.0, 1.5):
         assert torch.equal(samples['patched'][cfg][0], samples['upstream'][cfg][0])
     assert not torch.equal(samples['patched'][0.0][0], samples['patched'][1.5][0])
+
+
+# ---- The patched VAR train.py (needs var_ext; tiny models and a tokenised data set from tests/var_tiny.py) ------
+
+TORCHVISION_STAND_IN = {  # upstream's train.py imports its ImageNet pipeline at the top; DDO on tokens never uses it
+    'torchvision/__init__.py': '',
+    'torchvision/datasets/__init__.py': '',
+    'torchvision/datasets/folder.py': 'DatasetFolder, IMG_EXTENSIONS = object, ()\n',
+    'torchvision/transforms/__init__.py': 'InterpolationMode = transforms = None\n',
+}
+
+
+@pytest.fixture
+def patched_var_run(var_root, tmp_path):
+    """Run the patched train.py of a plain copy (cwd outside git) with the given extra arguments."""
+    import importlib.util
+    pytest.importorskip('var_ext.train', reason='var_ext is not installed (it comes with the var branch)')
+    from var_tiny import tiny_checkpoints
+    repo = fresh_copy(var_root, tmp_path / 'var', keep_git=False)
+    patching.apply(repo)
+    vae, var = tiny_checkpoints(str(var_root), str(tmp_path))
+    paths = [os.path.dirname(os.path.abspath(__file__))]
+    if importlib.util.find_spec('torchvision') is None:
+        for rel, text in TORCHVISION_STAND_IN.items():
+            (tmp_path / 'stand-in' / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / 'stand-in' / rel).write_text(text)
+        paths.append(str(tmp_path / 'stand-in'))
+    common = ['--ddo=True', f'--var_ckpt={var}', f'--vae_ckpt={vae}', '--depth=2', '--pn=1_2_3_4', '--workers=-1',
+              f'--local_out_dir_path={tmp_path / "out"}', '--num-classes', '10', '--vae-vocab', '64', '--vae-ch', '32',
+              '--vae-z', '8', '--dataset', 'var_tiny:token_dataset', '--global-batch', '8']
+
+    def run_train(*extra):
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(paths))
+        return subprocess.run([sys.executable, str(repo / 'train.py'), *common, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    return dict(run=run_train, out=tmp_path / 'out', repo=repo, var=var)
+
+
+def test_var_train_runs_a_ddo_round_from_local_weights(patched_var_run):
+    import torch
+    alpha = 10.0
+    proc = patched_var_run['run'](f'--ddo_alpha={alpha}', '--ddo_beta=0.05', '--iterations', '3', '--seed=3')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = patched_var_run['out']
+    with open(out / 'args.json') as f:
+        args = json.load(f)
+    assert (args['ddo_alpha'], args['ddo_beta'], args['iterations'], args['seed']) == (alpha, 0.05, 3, 3)
+    assert args['var_root'] == str(patched_var_run['repo']) and args['ckpt'] == patched_var_run['var']
+    with open(out / 'log.jsonl') as f:
+        log = [json.loads(line) for line in f]
+    assert [row['iteration'] for row in log] == [1, 2, 3]
+    first = log[0]  # target = reference: every sample's discriminator sits at 1/2; alpha = 0 on dropped labels
+    assert first['loss_real'] == pytest.approx(math.log(2), abs=1e-5)
+    assert first['loss_fake'] == pytest.approx(alpha * first['kept_labels'] * math.log(2), abs=1e-4)
+    trained = torch.load(out / 'var-ddo-last.pth', map_location='cpu')
+    pretrained = torch.load(patched_var_run['var'], map_location='cpu')
+    assert trained.keys() == pretrained.keys() and not torch.equal(trained['head.weight'], pretrained['head.weight'])
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--bs=64'], 'error: with --ddo=True, use --global-batch instead of --bs'),
+    (['--var_ckpt='], 'error: --ddo=True finetunes a pretrained VAR: give --var_ckpt'),
+])
+def test_var_train_ddo_refuses_bad_options_in_one_line(patched_var_run, extra, message):
+    proc = patched_var_run['run'](*extra)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr[-2000:]
+    assert not patched_var_run['out'].exists()
