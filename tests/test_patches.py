@@ -108,6 +108,21 @@ def test_conflicting_local_edit_is_refused_and_nothing_changes(edm2_root, tmp_pa
     assert tree(repo) == edited
 
 
+@pytest.mark.filterwarnings('ignore::ddo_patch.upstream.UpstreamCommitWarning')  # the edit hides the pinned version
+def test_revert_refuses_when_a_patched_line_was_edited(var_root, tmp_path):
+    repo = fresh_copy(var_root, tmp_path / 'repo', keep_git=False)
+    patching.apply(repo)
+    model = repo / 'models' / 'var.py'
+    model.write_text(model.read_text().replace('halves = 1 if cfg == 0 else 2', 'halves = 2'))
+    edited = tree(repo)
+    with pytest.raises(DDOPatchError, match=r'nothing changed .*: guidance-free-fast-path \(patch failed: models/var.py:'):
+        patching.revert(repo)
+    assert tree(repo) == edited
+    assert states(patching.check(repo))['guidance-free-fast-path'] == patching.CONFLICT
+    patching.revert(repo, only=['train-ddo'])  # the others can still be reverted on their own
+    assert states(patching.check(repo))['train-ddo'] == patching.APPLICABLE
+
+
 def test_unpinned_checkouts_warn_and_still_apply(edm2_root, tmp_path):
     # A plain copy with a harmless edit to a patched file no longer matches the pinned blobs.
     plain = fresh_copy(edm2_root, tmp_path / 'plain', keep_git=False)
