@@ -48,11 +48,6 @@ class Patch:
     def name(self) -> str:   # '0001-generate-images-balanced' -> 'generate-images-balanced'
         return re.sub(r'^\d+-', '', self.path.stem)
 
-    def summary(self) -> str:
-        """The patch's subject line (what it does)."""
-        match = re.search(r'^Subject:\s*(?:\[PATCH[^\]]*\]\s*)?(.*(?:\n [^\n]*)*)', self.path.read_text(), re.MULTILINE)
-        return re.sub(r'\n ', ' ', match.group(1)) if match else ''
-
 
 @dataclasses.dataclass
 class Report:
@@ -144,8 +139,8 @@ class _Scratch:
                 applied.add(patch.name)
         return applied
 
-    def apply(self, patch: Patch, check_only: bool = False) -> Optional[str]:
-        return _git_apply(self.dir, patch, *(['--check'] if check_only else []))
+    def apply(self, patch: Patch) -> Optional[str]:
+        return _git_apply(self.dir, patch)
 
     def matches(self, blobs: dict) -> bool:
         for rel, blob in blobs.items():
@@ -186,6 +181,8 @@ def _replay(root, only, command: str) -> Report:
     if not root.is_dir():
         raise DDOPatchError(f'{root} is not a directory; pass --repo the folder of an EDM2 or VAR checkout')
     name = identify(root)
+    if shutil.which('git') is None:
+        raise DDOPatchError('`git` is not installed; ddo-patch applies its patches with `git apply` (no repository needed)')
     up = upstream.get_upstream(name)
     patches = series(name)
     chosen = {p.name for p in select(patches, only)}

@@ -15,7 +15,7 @@ import pytest
 
 from ddo_patch import patching, upstream
 from ddo_patch.errors import DDOPatchError
-from edm2_helpers import CLASSES, RES, run, train_mle_snapshot, write_dataset
+from edm2_helpers import CLASSES, run, train_mle_snapshot, write_dataset
 
 pytestmark = pytest.mark.upstream
 
