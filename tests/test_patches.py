@@ -187,6 +187,13 @@ def test_generate_images_balanced_labels_and_dataset_json(patched_edm2):
         assert np.abs(diff).max() <= 1
     assert np.abs(read_png(p['root'] / 'balanced' / '000000.png') - read_png(p['root'] / 'class1' / '000000.png')).mean() > 1
 
+    # With --subdirs the labels name the files where upstream puts them (a folder per 1000 seeds).
+    run(generate + ['--balanced', '--subdirs', '--seeds', '998-1001', '--outdir', str(p['root'] / 'subdirs')], p['repo'], p['root'])
+    with open(p['root'] / 'subdirs' / 'dataset.json') as f:
+        labels = json.load(f)['labels']
+    assert labels == [['000000/000998.png', 2], ['000000/000999.png', 3], ['001000/001000.png', 0], ['001000/001001.png', 1]]
+    assert all((p['root'] / 'subdirs' / name).is_file() for name, _ in labels)
+
     proc = run(generate + ['--balanced', '--class', '1', '--outdir', str(p['root'] / 'x')], p['repo'], p['root'], check=False)
     assert proc.returncode != 0 and '--balanced and --class are mutually exclusive' in proc.stderr
 
