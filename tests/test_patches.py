@@ -262,6 +262,7 @@ torch.save(results, sys.argv[2])
 
 def test_var_sampler_skips_the_unconditional_half_at_cfg_0_with_the_same_samples(var_root, tmp_path):
     import torch
+    pytest.importorskip('huggingface_hub', reason="VAR's models import it (pip install huggingface_hub)")
     repo = fresh_copy(var_root, tmp_path / 'var', keep_git=False)
     patching.apply(repo)
     samples = {}
@@ -290,6 +291,7 @@ TORCHVISION_STAND_IN = {  # upstream's train.py imports its ImageNet pipeline at
 def patched_var_run(var_root, tmp_path):
     """Run the patched train.py of a plain copy (cwd outside git) with the given extra arguments."""
     import importlib.util
+    pytest.importorskip('huggingface_hub', reason="VAR's models import it (pip install huggingface_hub)")
     pytest.importorskip('var_ext.train', reason='var_ext is not installed (it comes with the var branch)')
     from var_tiny import tiny_checkpoints
     repo = fresh_copy(var_root, tmp_path / 'var', keep_git=False)
