@@ -198,6 +198,18 @@ def test_generate_images_balanced_labels_and_dataset_json(patched_edm2):
     assert proc.returncode != 0 and '--balanced and --class are mutually exclusive' in proc.stderr
 
 
+def test_generate_images_balanced_under_torchrun_labels_every_rank_s_images(patched_edm2):
+    p = patched_edm2
+    out = p['root'] / 'two-ranks'
+    run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(p['repo'] / 'generate_images.py'),
+         '--net', p['ref'], '--balanced', '--seeds', '0-23', '--steps', '2', '--batch', '4', '--outdir', str(out)],
+        p['repo'], p['root'])
+    with open(out / 'dataset.json') as f:
+        labels = json.load(f)['labels']
+    assert labels == [[f'{seed:06d}.png', seed % CLASSES] for seed in range(24)]
+    assert sorted(os.listdir(out)) == sorted([name for name, _ in labels] + ['dataset.json'])
+
+
 def test_train_edm2_runs_ddo(patched_edm2):
     p = patched_edm2
     fake = str(p['root'] / 'fake')
