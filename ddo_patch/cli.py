@@ -2,7 +2,7 @@
 
 import click
 
-from ddo_patch import rounds_cli, upstream
+from ddo_patch import patch_cli, rounds_cli, upstream
 from ddo_patch.errors import DDOPatchError, EXIT_USER_ERROR
 
 
@@ -20,7 +20,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings=dict(help_option_names=['-h', '--help'], max_content_width=100))
 @click.version_option(package_name='ddo-patch')
 def main():
-    """DDO finetuning for EDM2 and VAR: the toy demo, upstream checkouts, and (soon) rounds and patches."""
+    """DDO finetuning for EDM2 and VAR: the toy demo, upstream checkouts, multi-round self-play, patches."""
 
 
 @main.command()
@@ -63,6 +63,8 @@ def demo(outdir, rounds, seed, alpha, beta, preset):
 
 
 main.add_command(rounds_cli.rounds)
+for command in patch_cli.COMMANDS:
+    main.add_command(command)
 
 if __name__ == '__main__':
     main()

@@ -226,7 +226,7 @@ def plot_demo(path, gt: ThinMixture, mle_samples, final_samples, results, gt_sco
     gx, gy = np.meshgrid(grid, grid)
     log_p = gt.log_prob(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(gx.shape)
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    for ax, samples, title in ((axes[0], mle_samples, f'MLE model (round 0)'),
+    for ax, samples, title in ((axes[0], mle_samples, 'MLE model (round 0)'),
                                (axes[1], final_samples, f'after DDO round {results[-1]["round"]}')):
         ax.contour(gx, gy, log_p, levels=np.linspace(-6, log_p.max(), 8), cmap='Greys', linewidths=0.7)
         ax.scatter(samples[:4000, 0], samples[:4000, 1], s=1.5, alpha=0.4, color='tab:blue')

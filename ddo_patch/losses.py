@@ -13,7 +13,7 @@ Every function returns per-sample losses; the caller reduces (EDM2's loop sums, 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F

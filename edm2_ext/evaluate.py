@@ -19,7 +19,6 @@ import os
 import re
 
 import click
-import numpy as np
 import torch
 import tqdm
 

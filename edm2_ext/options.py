@@ -3,7 +3,8 @@
 import click
 
 from ddo_patch.errors import DDOPatchError
-from edm2_ext.presets import parse_nimg, parse_seeds
+from ddo_patch.sizes import parse_nimg
+from edm2_ext.presets import parse_seeds
 
 
 class _Parsed(click.ParamType):

@@ -18,7 +18,6 @@ of evaluation intervals (50 x 2^17, 25 x 2^18) and the last snapshot falls on th
 from __future__ import annotations
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.sizes import parse_nimg  # noqa: F401 (re-exported: edm2_ext.options and the tests use it from here)
 
 _KI, _MI = 1 << 10, 1 << 20
 

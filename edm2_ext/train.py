@@ -125,8 +125,15 @@ def cmdline(outdir, data, ref, fake, cond, preset, round_idx, alpha, beta, batch
       torchrun --standalone --nproc_per_node=8 -m edm2_ext.train --preset=ddo-img64-s --round=r \\
           --ref=ref.pkl --fake=fake.zip --data=img64.zip --ddo-alpha=4 --ddo-beta=0.05 --outdir=runs/r
     """
-    check_hyperparameters(alpha, beta)
     hp = presets.resolve(preset, round_idx, **hyperparameters)
+    train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=batch_gpu, workers=workers, slice_nimg=slice_nimg,
+          seed=seed, dry_run=dry_run, edm2_root=edm2_root)
+
+
+def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2, slice_nimg=0, seed=0, dry_run=False,
+          edm2_root=None):
+    """Check every input, then run one DDO run (the body of this entry and of the patched train_edm2.py)."""
+    check_hyperparameters(alpha, beta)
     upstream.activate('edm2', edm2_root)
     warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
     from torch_utils import distributed as dist

@@ -21,44 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddo_patch.rounds_example import MLE_SCRIPT  # the short upstream MLE run that makes the reference
-
 pytestmark = pytest.mark.upstream
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-CLASSES, RES, BATCH, ALPHA, BETA = 4, 8, 16, 2.0, 0.05
+from edm2_helpers import CLASSES, RES, run, subprocess_env, train_mle_snapshot, write_dataset
 
-
-def run(args, edm2_root, cwd, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root), PYTHONPATH=TESTS)
-    proc = subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def write_dataset(path, n=64, classes=CLASSES, res=RES, labels=True, latent=False):
-    """Images whose colour depends on the class, with labels in dataset.json, as upstream dataset_tool writes:
-    uint8 PNGs, or (latent) 8-channel float32 VAE mean/std moments in img-mean-std-*.npy."""
-    import PIL.Image
-    rng = np.random.RandomState(0)
-    os.makedirs(path)
-    entries = []
-    for i in range(n):
-        if latent:
-            name = f'{i:05d}/img-mean-std-{i:08d}.npy'
-            moments = np.concatenate([rng.randn(4, res, res) * 3 + i % classes, np.full([4, res, res], 0.1)])
-            os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
-            np.save(os.path.join(path, name), moments.astype(np.float32))
-        else:
-            colour = np.array([60.0, 30.0, 15.0]) * (1 + i % classes)
-            name = f'{i:05d}.png'
-            PIL.Image.fromarray(np.clip(rng.randn(res, res, 3) * 30 + colour, 0, 255).astype(np.uint8), 'RGB').save(os.path.join(path, name))
-        entries.append([name, i % classes])
-    if labels:
-        with open(os.path.join(path, 'dataset.json'), 'w') as f:
-            json.dump({'labels': entries}, f)
-    return str(path)
+BATCH, ALPHA, BETA = 16, 2.0, 0.05
 
 
 @pytest.fixture(scope='module')
@@ -66,10 +33,8 @@ def pipeline(edm2_root, tmp_path_factory):
     from ddo_patch import upstream
     upstream.activate('edm2', edm2_root)  # the tests below unpickle upstream classes in-process
     root = tmp_path_factory.mktemp('edm2')
-    p = dict(root=root, data=write_dataset(root / 'data'), mle=root / 'mle', ddo=str(root / 'ddo'))
-    os.makedirs(p['mle'])
-    run(['-c', MLE_SCRIPT, p['data'], str(p['mle']), 'training.encoders.StandardRGBEncoder'], edm2_root, root)
-    p['ref'] = str(p['mle'] / 'network-snapshot-0000001-0.100.pkl')
+    p = dict(root=root, data=write_dataset(root / 'data'), ddo=str(root / 'ddo'))
+    p['ref'] = train_mle_snapshot(p['data'], root / 'mle', edm2_root)
     p['fake'] = str(root / 'fake.zip')
     run(['-m', 'edm2_ext.generate', '--net', p['ref'], '--outdir', p['fake'], '--seeds', '0-63', '--batch', '32', '--steps', '4'], edm2_root, root)
     p['train_args'] = ['-m', 'edm2_ext.train', '--outdir', p['ddo'], '--data', p['data'], '--ref', p['ref'], '--fake', p['fake'],
@@ -147,8 +112,7 @@ def test_sigkilled_run_resumes(pipeline, edm2_root, tmp_path):
     args[args.index('--outdir') + 1] = out = str(tmp_path / 'killed')
     args[args.index('--duration') + 1] = '64Ki'  # far more than it gets to do before the kill
     args[args.index('--slice') + 1] = '0'
-    env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root), PYTHONPATH=TESTS)
-    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=subprocess_env(edm2_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(out, 'log.txt')
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -255,9 +219,8 @@ def test_latent_model_round_trip(edm2_root, tmp_path):
     """The ImageNet-512 path: 8-channel VAE moments as data, a 4-channel latent net, fake latents stored as the
     sampler returns them (no decode/encode), DDO on them. No VAE is needed: only encode_latents runs."""
     data = write_dataset(tmp_path / 'latents', latent=True)
-    os.makedirs(tmp_path / 'mle')
-    run(['-c', MLE_SCRIPT, data, str(tmp_path / 'mle'), 'training.encoders.StabilityVAEEncoder'], edm2_root, tmp_path)
-    ref, fake = str(tmp_path / 'mle' / 'network-snapshot-0000001-0.100.pkl'), str(tmp_path / 'fake.zip')
+    ref = train_mle_snapshot(data, tmp_path / 'mle', edm2_root, encoder='training.encoders.StabilityVAEEncoder')
+    fake = str(tmp_path / 'fake.zip')
     run(['-m', 'edm2_ext.generate', '--net', ref, '--outdir', fake, '--seeds', '0-15', '--steps', '3'], edm2_root, tmp_path)
 
     from ddo_patch import upstream

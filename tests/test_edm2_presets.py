@@ -5,7 +5,8 @@ import math
 import pytest
 
 from ddo_patch.errors import DDOPatchError
-from edm2_ext.presets import PRESETS, parse_nimg, parse_seeds, resolve
+from ddo_patch.sizes import parse_nimg
+from edm2_ext.presets import PRESETS, parse_seeds, resolve
 
 
 def test_img64_rounds_follow_appendix_c():
