@@ -87,6 +87,17 @@ def test_ddo_run_writes_snapshots_stats_and_checkpoints(pipeline):
     assert all(0 <= row['DDO/accuracy_fake'] <= 1 for row in trained)
 
 
+def test_implicit_discriminator_learns_to_separate_real_from_reference_samples(pipeline):
+    """Eq. 10 through the real loop: DDO raises log p_theta / p_ref on real data relative to reference
+    samples, so the margin delta_real - delta_fake grows from 0 and the loss falls below (1 + alpha) log 2."""
+    trained = [row for row in read_stats(pipeline['ddo']) if 'Loss/loss' in row]
+    quarter = len(trained) // 4
+    margin = [row['DDO/delta_real'] - row['DDO/delta_fake'] for row in trained]
+    early, late = np.mean(margin[:quarter]), np.mean(margin[-quarter:])
+    assert late > 0 and late > early
+    assert np.mean([row['Loss/loss'] for row in trained[-quarter:]]) < (1 + ALPHA) * math.log(2)
+
+
 def test_first_step_loss_is_one_plus_alpha_log_2(pipeline):
     first = next(row for row in read_stats(pipeline['ddo']) if 'Loss/loss' in row)
     assert first['Progress/kimg'] == pytest.approx(BATCH / 1000)
