@@ -29,3 +29,17 @@ def test_demo_rejects_invalid_alpha(tmp_path):
     assert result.exit_code == 2
     assert 'alpha must be' in result.output
     assert not (tmp_path / 'out').exists()
+
+
+def test_demo_is_deterministic_for_a_seed(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ddo_patch import demo
+    tiny = dataclasses.replace(demo.PRESETS['quick'], rounds=1, mle_steps=100, steps_per_round=20, eval_every=10,
+                               batch=256, num_train=2000, num_fake=1000, num_eval=1000, sampler_steps=8)
+    monkeypatch.setitem(demo.PRESETS, 'tiny', tiny)
+    runs = [demo.run_demo(outdir=tmp_path / name, seed=3, preset='tiny', log=lambda *a: None) for name in 'ab']
+    other = demo.run_demo(outdir=tmp_path / 'c', seed=4, preset='tiny', log=lambda *a: None)
+    strip = lambda s: [{k: v for k, v in r.items() if k != 'seconds'} for r in s['rounds']]  # noqa: E731
+    assert strip(runs[0]) == strip(runs[1])
+    assert strip(runs[0]) != strip(other)
