@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.files import write_atomic
 from ddo_patch.losses import DiffusionDDOLoss, check_hyperparameters
 from ddo_patch.metrics import coverage, feature_statistics, frechet_distance
 from ddo_patch.toy import ThinMixture, ToyDenoiser, edm_loss, heun_sample
@@ -162,12 +162,6 @@ def _chosen(result) -> str:
     return 'kept' if result['selected_step'] == 0 else str(result['selected_step'])
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def run_demo(outdir='ddo-demo', rounds=None, seed=0, alpha=None, beta=None, preset='default', log=print) -> dict:
     if preset not in PRESETS:
         raise DDOPatchError(f'unknown preset "{preset}"; choose one of {", ".join(PRESETS)}')
@@ -206,8 +200,8 @@ def run_demo(outdir='ddo-demo', rounds=None, seed=0, alpha=None, beta=None, pres
 
     summary = dict(config=dataclasses.asdict(cfg), preset=preset, seed=seed, ground_truth=gt_score, rounds=results,
                    wall_seconds=time.time() - t_start)
-    _write_atomic(outdir / 'demo.json', lambda p: p.write_text(json.dumps(summary, indent=2)))
-    _write_atomic(outdir / 'demo.png', lambda p: plot_demo(p, gt, mle_samples, samples, results, gt_score))
+    write_atomic(outdir / 'demo.json', lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_atomic(outdir / 'demo.png', lambda f: plot_demo(f, gt, mle_samples, samples, results, gt_score))
     first, last = results[0], results[-1]
     log(f'after {cfg.rounds} DDO rounds: mean log p_gt {first["mean_log_p_gt"]:.3f} -> {last["mean_log_p_gt"]:.3f}, '
         f'low-density fraction {first["low_density_fraction"]:.4f} -> {last["low_density_fraction"]:.4f}, '
@@ -216,7 +210,7 @@ def run_demo(outdir='ddo-demo', rounds=None, seed=0, alpha=None, beta=None, pres
     return summary
 
 
-def plot_demo(path, gt: ThinMixture, mle_samples, final_samples, results, gt_score):
+def plot_demo(file, gt: ThinMixture, mle_samples, final_samples, results, gt_score):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -246,5 +240,5 @@ def plot_demo(path, gt: ThinMixture, mle_samples, final_samples, results, gt_sco
     ax.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
     ax.set_title('metrics per round (dotted: ground truth)')
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format='png')
+    fig.savefig(file, dpi=110, format='png')
     plt.close(fig)

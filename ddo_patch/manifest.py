@@ -10,22 +10,13 @@ import hashlib
 import json
 import os
 
+from ddo_patch.files import write_atomic
+
 MANIFEST = 'manifest.json'
 
 
 def write_json(path, obj) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)   # make the rename itself durable
-    finally:
-        os.close(directory)
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + '\n').encode()), durable=True)
 
 
 def read_json(path, default=None):

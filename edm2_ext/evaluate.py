@@ -24,6 +24,7 @@ import tqdm
 
 from ddo_patch import upstream
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
+from ddo_patch.files import write_atomic
 from ddo_patch.metrics import frechet_distance
 from edm2_ext import options
 
@@ -102,11 +103,7 @@ def _previous_results(dest, settings) -> dict:
 
 
 def _write_json(dest, report):
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = f'{dest}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, dest)
+    write_atomic(dest, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, **sampler_kwargs) -> dict:

@@ -27,6 +27,7 @@ import tqdm
 
 from ddo_patch import upstream
 from ddo_patch.errors import exit_on_user_error
+from ddo_patch.files import write_atomic
 from ddo_patch.metrics import balanced_labels
 from edm2_ext import options
 
@@ -64,34 +65,27 @@ def rank_batches(seeds, rank, world, batch):
     return [mine[i:i + batch] for i in range(0, len(mine), batch)]
 
 
-def _write_atomic(path, write):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _save_sample(path, sample, latent):
     if latent:
-        _write_atomic(path, lambda f: np.save(f, sample.astype(np.float32)))
+        write_atomic(path, lambda f: np.save(f, sample.astype(np.float32)))
     else:
         import PIL.Image
-        _write_atomic(path, lambda f: PIL.Image.fromarray(sample.transpose(1, 2, 0), 'RGB').save(f, format='png'))
+        write_atomic(path, lambda f: PIL.Image.fromarray(sample.transpose(1, 2, 0), 'RGB').save(f, format='png'))
 
 
 def _finish(staging, seeds, label_dim, latent, outdir):
     """Write dataset.json (upstream's layout: [[file, class], ...]) and, for a .zip, pack the folder."""
     labels = balanced_labels(seeds, label_dim).tolist() if label_dim > 0 else None
     meta = {'labels': [[sample_name(s, latent), c] for s, c in zip(seeds, labels)] if labels is not None else None}
-    _write_atomic(os.path.join(staging, 'dataset.json'), lambda f: f.write(json.dumps(meta).encode()))
+    write_atomic(os.path.join(staging, 'dataset.json'), lambda f: f.write(json.dumps(meta).encode()))
     if staging == outdir:
         return
-    tmp = f'{outdir}.tmp{os.getpid()}'
-    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
-        for name in [sample_name(s, latent) for s in seeds] + ['dataset.json']:
-            z.write(os.path.join(staging, name), name)
-    os.replace(tmp, outdir)
+
+    def pack(f):
+        with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as z:
+            for name in [sample_name(s, latent) for s in seeds] + ['dataset.json']:
+                z.write(os.path.join(staging, name), name)
+    write_atomic(outdir, pack)
     shutil.rmtree(staging)
 
 

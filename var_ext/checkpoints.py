@@ -12,6 +12,7 @@ from typing import Dict
 import torch
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.files import write_atomic
 
 OFFICIAL_VAE = 'vae_ch160v4096z32.pth'
 _SHOWN_KEYS = 3   # how many mismatched keys an error names
@@ -68,7 +69,5 @@ def load_vae(vae, path, flags: str) -> None:
 
 
 def save_atomic(obj, path) -> None:
-    """torch.save to a temporary name beside `path`, then rename: a crash never leaves half a file."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through `write_atomic`: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda f: torch.save(obj, f))

@@ -24,6 +24,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
+from ddo_patch.files import write_atomic
 from ddo_patch.metrics import balanced_labels
 from var_ext.evaluate import generate
 from var_ext.options import add_model_options, autocast, barrier, init_distributed, load_pretrained
@@ -60,17 +61,14 @@ def png_path(outdir, seed):
 
 
 def write_png(path, image):
-    tmp = f'{path}.tmp.png'
-    PIL.Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)   # a killed run never leaves a truncated PNG that resumption would keep
+    # A killed run never leaves a truncated PNG that resumption would keep.
+    write_atomic(path, lambda f: PIL.Image.fromarray(image).save(f, format='png'))
 
 
 def write_npz(outdir, seeds, num_classes):
     images = np.stack([np.asarray(PIL.Image.open(png_path(outdir, s)).convert('RGB')) for s in tqdm(seeds, desc='npz')])
     path = os.path.join(outdir, f'samples_{"x".join(str(d) for d in images.shape)}.npz')
-    with open(f'{path}.tmp', 'wb') as f:
-        np.savez(f, arr_0=images, arr_1=balanced_labels(seeds, num_classes))
-    os.replace(f'{path}.tmp', path)
+    write_atomic(path, lambda f: np.savez(f, arr_0=images, arr_1=balanced_labels(seeds, num_classes)))
     return path
 
 
