@@ -43,6 +43,8 @@ MLE_SCRIPT = textwrap.dedent('''
                                 num_blocks=1, attn_resolutions=[4]),
             lr_kwargs=dict(func_name='training.training_loop.learning_rate_schedule', ref_lr=1e-2, ref_batches=0, rampup_Mimg=0),
             ema_kwargs=dict(class_name='training.phema.PowerFunctionEMA', stds=[0.1]))
+    from ddo_patch.distributed import end_process
+    end_process()
 ''')
 
 

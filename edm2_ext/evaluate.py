@@ -23,6 +23,7 @@ import torch
 import tqdm
 
 from ddo_patch import upstream
+from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.metrics import frechet_distance
@@ -167,4 +168,4 @@ def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps
 
 
 if __name__ == '__main__':
-    exit_on_user_error(cmdline)()
+    run_entry_point(exit_on_user_error(cmdline))

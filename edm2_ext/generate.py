@@ -26,6 +26,7 @@ import torch
 import tqdm
 
 from ddo_patch import upstream
+from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.metrics import balanced_labels
@@ -141,4 +142,4 @@ def cmdline(net_path, outdir, seeds, batch, edm2_root, **sampler_kwargs):
 
 
 if __name__ == '__main__':
-    exit_on_user_error(cmdline)()
+    run_entry_point(exit_on_user_error(cmdline))

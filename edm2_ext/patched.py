@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import click
 
+from ddo_patch.distributed import end_process
 from ddo_patch.errors import DDOPatchError
 from edm2_ext import presets, train
 
@@ -26,11 +27,13 @@ def _given_on_command_line(names) -> set:
 
 def train_edm2_ddo(outdir, dry_run, edm2_root, ddo_ref, ddo_fake, ddo_alpha, ddo_beta, preset, data, cond, batch_gpu,
                    seed, **opts):
-    """Body of the patched `train_edm2.py` when `--ddo-ref` or `--ddo-fake` is given (called inside its click command)."""
+    """Body of the patched `train_edm2.py` when `--ddo-ref` or `--ddo-fake` is given (called inside its click command);
+    ends the process when the run is done."""
     try:
         _train(outdir, dry_run, edm2_root, ddo_ref, ddo_fake, ddo_alpha, ddo_beta, preset, data, cond, batch_gpu, seed, opts)
     except DDOPatchError as err:  # upstream's command reports its own input errors as ClickExceptions, one line each
         raise click.ClickException(str(err)) from None
+    end_process()  # the script has nothing left to do; leave the process group as edm2_ext.train does
 
 
 def _train(outdir, dry_run, edm2_root, ddo_ref, ddo_fake, ddo_alpha, ddo_beta, preset, data, cond, batch_gpu, seed, opts):

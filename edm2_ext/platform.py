@@ -25,7 +25,6 @@ are the run's own training-state-*.pt, so resuming works.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import socket
@@ -33,6 +32,7 @@ import warnings
 
 import torch
 
+from ddo_patch.distributed import destroy_group_at_exit
 from ddo_patch.errors import DDOPatchError
 
 
@@ -60,9 +60,7 @@ def init_distributed(device: torch.device) -> None:
     for name, default in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
         os.environ.setdefault(name, default)
     torch.distributed.init_process_group(backend='gloo', init_method='env://')
-    # Tear the group down before interpreter shutdown: a gloo group left to the C++ destructors at exit
-    # can abort the process ("terminate called without an active exception") after a successful run.
-    atexit.register(torch.distributed.destroy_process_group)
+    destroy_group_at_exit()
     world = torch.distributed.get_world_size()
     training_stats.init_multiprocessing(rank=torch.distributed.get_rank(), sync_device=torch.device('cpu') if world > 1 else None)
 

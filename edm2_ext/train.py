@@ -21,6 +21,7 @@ import warnings
 import click
 
 from ddo_patch import upstream
+from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
 from edm2_ext import options, presets
@@ -153,4 +154,4 @@ def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2
 if __name__ == '__main__':
     import torch.multiprocessing
     torch.multiprocessing.set_start_method('spawn')  # as upstream: data-loader workers must not fork CUDA state
-    exit_on_user_error(cmdline)()
+    run_entry_point(exit_on_user_error(cmdline))

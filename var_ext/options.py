@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 
 import torch
 import torch.distributed as tdist
 
+from ddo_patch.distributed import destroy_group_at_exit
 from var_ext import checkpoints, models
 
 
@@ -47,7 +47,7 @@ def init_distributed():
         torch.cuda.set_device(device)
     if world_size > 1 and not tdist.is_initialized():
         tdist.init_process_group('nccl' if cuda else 'gloo')
-        atexit.register(tdist.destroy_process_group)  # not left to C++ destructors at interpreter exit
+        destroy_group_at_exit()
     return (tdist.get_rank() if world_size > 1 else 0), world_size, device
 
 

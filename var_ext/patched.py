@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from ddo_patch.distributed import end_process
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from var_ext import train
 
@@ -54,5 +55,6 @@ def var_ext_argv(args, var_root, argv) -> list:
 
 @exit_on_user_error
 def train_ddo(args, var_root):
-    """Body of the patched `train.py --ddo=True`: one DDO round by var_ext.train."""
+    """Body of the patched `train.py --ddo=True`: one DDO round by var_ext.train; ends the process when it is done."""
     train.main(var_ext_argv(args, var_root, sys.argv[1:]))
+    end_process()  # leave the process group as `python -m var_ext.train` does

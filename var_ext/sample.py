@@ -23,6 +23,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.metrics import balanced_labels
@@ -97,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_entry_point(main)

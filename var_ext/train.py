@@ -22,6 +22,7 @@ import types
 import torch
 import torch.distributed as tdist
 
+from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
 from var_ext import checkpoints, data, models
@@ -241,4 +242,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_entry_point(main)

@@ -1,0 +1,42 @@
+"""Ending a process that joined a process group (ddo_patch.distributed), in subprocesses as entry points run."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import os, sys, torch
+    from ddo_patch.distributed import destroy_group_at_exit, run_entry_point
+
+    def main():
+        mode = sys.argv[1]
+        if mode != 'no-group':
+            os.environ.update(MASTER_ADDR='localhost', MASTER_PORT=sys.argv[2], RANK='0', WORLD_SIZE='1')
+            torch.distributed.init_process_group('gloo')
+            destroy_group_at_exit()
+            ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))  # keeps the group alive in C++
+            ddp(torch.ones(2, 3)).sum().backward()
+        print('all files written', end='')  # unflushed: must still reach the pipe
+        if mode == 'fails':
+            sys.exit(3)
+
+    run_entry_point(main)
+    print('unreachable')
+''')
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('', 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize('mode, code', [('group', 0), ('no-group', 0), ('fails', 3)])
+def test_entry_point_ends_with_its_status_and_flushed_output(mode, code):
+    proc = subprocess.run([sys.executable, '-c', SCRIPT, mode, _free_port()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == 'all files written'
+    assert 'terminate called' not in proc.stderr
