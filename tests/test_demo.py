@@ -21,6 +21,9 @@ def test_demo_quick_sharpens_without_collapse(tmp_path):
     assert final['low_density_fraction'] < 0.85 * mle['low_density_fraction']
     # ...not collapsed: coverage within 10% of the MLE model's.
     assert final['coverage'] > 0.9 * mle['coverage']
+    # Self-play: every round's chosen model beats its reference (the previous round's), none is `kept`.
+    log_p = [r['mean_log_p_gt'] for r in rounds]
+    assert all(after > before for before, after in zip(log_p, log_p[1:])), log_p
     assert 'mean log p_gt' in result.output  # the per-round table
 
 
