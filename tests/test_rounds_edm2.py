@@ -83,6 +83,8 @@ def test_two_rounds_two_points_promote_the_best_snapshot(uninterrupted):
     assert f'--net {first["chosen"]["snapshot"]} ' in second['reference_samples']['command']
     assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
     assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-4)
+    # And DDO works in this tiny world: each round's chosen snapshot beats its reference.
+    assert all(r['chosen']['score'] < r['reference_score'] for r in m['rounds']), [(r['reference_score'], r['chosen']['score']) for r in m['rounds']]
 
 
 def test_status_and_report(world, uninterrupted):
