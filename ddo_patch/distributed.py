@@ -32,16 +32,16 @@ def destroy_group_at_exit() -> None:
     atexit.register(_destroy_group_if_any)
 
 
-def end_process(exit_code: int = 0) -> NoReturn:
-    """End this process; with a process group: all ranks together, then at once (see the module docstring)."""
+def end_process() -> NoReturn:
+    """End this process after success; with a process group: all ranks together, then at once (see above)."""
     if not torch.distributed.is_initialized():
-        sys.exit(exit_code)
+        sys.exit(0)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)
+    os._exit(0)
 
 
 def run_entry_point(main: Callable[[], object]) -> NoReturn:
@@ -51,4 +51,4 @@ def run_entry_point(main: Callable[[], object]) -> NoReturn:
     except SystemExit as stop:
         if stop.code not in (None, 0):
             raise
-    end_process(0)
+    end_process()
