@@ -8,7 +8,7 @@ finished run can abort ("terminate called without an active exception", SIGABRT)
 and the round manager then count a run that wrote all its files as failed. So an entry point that opens
 a group ends through `run_entry_point`: after success all ranks meet at a barrier, the group is destroyed
 while the interpreter is whole, output is flushed and the process exits at once, skipping that teardown.
-Failures exit the ordinary way, with the group destroyed by `destroy_group_at_exit`.
+Failures exit the ordinary way, with the group destroyed at exit (`join_process_group`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _destroy_group_if_any() -> None:
         torch.distributed.destroy_process_group()
 
 
-def destroy_group_at_exit() -> None:
-    """Register the fallback for runs that fail: destroy the group before interpreter shutdown."""
+def join_process_group(backend: str) -> None:
+    """Join the group torchrun's environment describes (env://); a run that fails destroys it at exit."""
+    torch.distributed.init_process_group(backend=backend, init_method='env://')
     atexit.register(_destroy_group_if_any)
 
 

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from ddo_patch.distributed import destroy_group_at_exit
+from ddo_patch.distributed import join_process_group
 from ddo_patch.errors import DDOPatchError
 
 
@@ -59,8 +59,7 @@ def init_distributed(device: torch.device) -> None:
             os.environ['MASTER_PORT'] = str(s.getsockname()[1])
     for name, default in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
         os.environ.setdefault(name, default)
-    torch.distributed.init_process_group(backend='gloo', init_method='env://')
-    destroy_group_at_exit()
+    join_process_group('gloo')
     world = torch.distributed.get_world_size()
     training_stats.init_multiprocessing(rank=torch.distributed.get_rank(), sync_device=torch.device('cpu') if world > 1 else None)
 

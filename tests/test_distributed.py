@@ -8,14 +8,13 @@ import pytest
 
 SCRIPT = textwrap.dedent('''
     import os, sys, torch
-    from ddo_patch.distributed import destroy_group_at_exit, run_entry_point
+    from ddo_patch.distributed import join_process_group, run_entry_point
 
     def main():
         mode = sys.argv[1]
         if mode != 'no-group':
             os.environ.update(MASTER_ADDR='localhost', MASTER_PORT=sys.argv[2], RANK='0', WORLD_SIZE='1')
-            torch.distributed.init_process_group('gloo')
-            destroy_group_at_exit()
+            join_process_group('gloo')
             ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))  # keeps the group alive in C++
             ddp(torch.ones(2, 3)).sum().backward()
         print('all files written', end='')  # unflushed: must still reach the pipe

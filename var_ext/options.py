@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-from ddo_patch.distributed import destroy_group_at_exit
+from ddo_patch.distributed import join_process_group
 from var_ext import checkpoints, models
 
 
@@ -46,8 +46,7 @@ def init_distributed():
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not tdist.is_initialized():
-        tdist.init_process_group('nccl' if cuda else 'gloo')
-        destroy_group_at_exit()
+        join_process_group('nccl' if cuda else 'gloo')
     return (tdist.get_rank() if world_size > 1 else 0), world_size, device
 
 
