@@ -1,4 +1,4 @@
-"""Guidance-free sampling throughput: var_ext.sampling.sample(cfg=0) against upstream's
+"""Guidance-free sampling throughput: var_ext.sampler.sample(cfg=0) against upstream's
 VAR.autoregressive_infer_cfg(cfg=0) on the same randomly initialised model, interleaved in one run.
 
     python benchmarks/sampler_speed.py                       # CPU-sized defaults
@@ -17,7 +17,7 @@ import unittest.mock
 import torch
 
 from var_bench_models import add_size_options, describe, random_models
-from var_ext import sampling
+from var_ext import sampler
 
 
 def timed(fn, device):
@@ -43,9 +43,9 @@ def main(argv=None):
     amp = torch.autocast('cuda', dtype=dtype, enabled=device.type == 'cuda' and dtype is not None)
     no_decode = unittest.mock.patch.object(vae, 'fhat_to_img', lambda f_hat: f_hat)   # only inside this benchmark
     runs = {
-        ('tokens', 'ours'): lambda: sampling.sample(var, labels, cfg=0),
+        ('tokens', 'ours'): lambda: sampler.sample(var, labels, cfg=0),
         ('tokens', 'upstream'): lambda: var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=0),
-        ('images', 'ours'): lambda: sampling.sample(var, labels, cfg=0, decode=True),
+        ('images', 'ours'): lambda: sampler.sample(var, labels, cfg=0, decode=True),
         ('images', 'upstream'): lambda: var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=0),
     }
     times = {key: [] for key in runs}

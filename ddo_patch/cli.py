@@ -2,7 +2,8 @@
 
 import click
 
-from ddo_patch import patch_cli, rounds_cli, upstream
+from ddo_patch import patch_cli, upstream
+from ddo_patch.rounds import cli as rounds_cli
 from ddo_patch.errors import DDOPatchError, EXIT_USER_ERROR
 
 

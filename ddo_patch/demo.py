@@ -13,18 +13,7 @@ the fraction of samples in low-density regions (below the density that 1% of gro
 under; the ground truth itself scores 0.01), coverage of ground-truth samples by model samples (Naeem et
 al. 2020, recall-like), and the Frechet distance to ground-truth samples.
 
-What we found tuning it (recorded so nobody has to rediscover it): DDO's contrastive gradient is small
-against its noise, so the recipe is the paper's (small lr with a ramp-up, large batches, an EMA, the best
-EMA of the round kept). Weighting DDO towards low noise levels (P_mean -2 instead of pretraining's -1)
-sharpened faster. alpha decides how the rounds share the work. At alpha = beta = 1 (Theorem 3.1's target,
-p_data itself) the first round takes nearly the whole gain (mean log p_gt 0.377 -> 0.653), and a second
-round started from that sharpened reference drifts back from its start (0.620 -> 0.476 over 600 steps in
-one trace), whatever the lr, P_std, P_mean or number of reference samples, so its reference is kept: this
-small model cannot represent p_data, and what it can reach depends on the reference. At alpha = 0.5 each
-round is a smaller step and every round beats its reference (0.377 -> 0.525 -> 0.548 -> 0.579 -> 0.589
--> 0.598), ending with fewer low-density samples than alpha = 1 (0.0227 vs 0.0238) and unchanged
-coverage, which is the self-play the paper runs for 12-28 rounds; hence the default. alpha > 1 at
-beta = 1 diverges (the fake term is unbounded until the sigmoid saturates), which is what beta is for.
+How the recipe and the default alpha were found: docs/demo.md in the repository.
 """
 
 from __future__ import annotations

@@ -43,18 +43,20 @@ def ddo_objective(delta_real: torch.Tensor, delta_fake: torch.Tensor, alpha: Alp
     `alpha` is a float or a per-sample tensor (VAR puts 0 on samples whose label was dropped).
     `logsigmoid` keeps loss and gradient finite for any |beta * delta| (1e4 and beyond).
     """
-    check_hyperparameters(alpha, beta)
-    if delta_real.shape != delta_fake.shape:
-        raise DDOPatchError(f'real and fake batches must pair up one to one, got deltas of shape '
-                            f'{tuple(delta_real.shape)} and {tuple(delta_fake.shape)}; draw equal-size batches')
-    return -F.logsigmoid(beta * delta_real) - alpha * F.logsigmoid(-beta * delta_fake)
+    return ddo_terms(delta_real, delta_fake, alpha, beta).loss
 
 
 class DDOTerms(NamedTuple):
     """One evaluation of a DDO loss with what a trainer wants to log (all shape [B], fp32)."""
-    loss: torch.Tensor          # per-sample loss
-    delta_real: torch.Tensor    # log p_theta - log p_ref on real samples (ELBO surrogate for diffusion)
+    loss_real: torch.Tensor     # -log sigmoid(beta * delta_real), per sample
+    loss_fake: torch.Tensor     # -alpha * log sigmoid(-beta * delta_fake), per sample
+    delta_real: torch.Tensor    # log p_theta - log p_ref on real samples (ELBO surrogate for diffusion), detached
     delta_fake: torch.Tensor    # the same on reference samples
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The per-sample loss of Eq. 13."""
+        return self.loss_real + self.loss_fake
 
     def discriminator_accuracy(self):
         """Fraction of real samples with d > 1/2 and of fake samples with d < 1/2, d = sigmoid(beta * delta).
@@ -62,6 +64,28 @@ class DDOTerms(NamedTuple):
         For beta > 0, sigmoid(beta * delta) > 1/2 exactly when delta > 0, so beta is not needed.
         """
         return (self.delta_real > 0).float().mean(), (self.delta_fake < 0).float().mean()
+
+    def log_values(self, fake_counted: torch.Tensor | None = None) -> dict:
+        """The terms under the names both adapters log (EDM2's stats.jsonl, VAR's log.jsonl), per sample.
+
+        `fake_counted` masks the fake samples whose discriminator accuracy counts (VAR: those with alpha > 0).
+        """
+        fake_right = self.delta_fake < 0
+        if fake_counted is not None:
+            fake_right = fake_right[fake_counted]
+        return {'DDO/loss_real': self.loss_real.detach(), 'DDO/loss_fake': self.loss_fake.detach(),
+                'DDO/delta_real': self.delta_real, 'DDO/delta_fake': self.delta_fake,
+                'DDO/accuracy_real': (self.delta_real > 0).float(), 'DDO/accuracy_fake': fake_right.float()}
+
+
+def ddo_terms(delta_real: torch.Tensor, delta_fake: torch.Tensor, alpha: Alpha, beta: float) -> DDOTerms:
+    """`ddo_objective`'s two terms, with the deltas for logging."""
+    check_hyperparameters(alpha, beta)
+    if delta_real.shape != delta_fake.shape:
+        raise DDOPatchError(f'real and fake batches must pair up one to one, got deltas of shape '
+                            f'{tuple(delta_real.shape)} and {tuple(delta_fake.shape)}; draw equal-size batches')
+    return DDOTerms(-F.logsigmoid(beta * delta_real), -alpha * F.logsigmoid(-beta * delta_fake),
+                    delta_real.detach(), delta_fake.detach())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +183,7 @@ class DiffusionDDOLoss:
         # log p ~ -err (ELBO up to a constant shared by both models, Eq. 14-15).
         delta_real = ref_err_real - err_real
         delta_fake = ref_err_fake - err_fake
-        return DDOTerms(ddo_objective(delta_real, delta_fake, self.alpha, self.beta), delta_real.detach(), delta_fake.detach())
+        return ddo_terms(delta_real, delta_fake, self.alpha, self.beta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,9 +208,7 @@ def autoregressive_ddo_terms(logp_real, ref_logp_real, logp_fake, ref_logp_fake,
     `alpha` may be a per-sample tensor: VAR trains the unconditional model on dropped-label samples with
     alpha = 0 there (section 5.3), see `label_dropout_alpha`.
     """
-    delta_real = logp_real - ref_logp_real.detach()
-    delta_fake = logp_fake - ref_logp_fake.detach()
-    return DDOTerms(ddo_objective(delta_real, delta_fake, alpha, beta), delta_real.detach(), delta_fake.detach())
+    return ddo_terms(logp_real - ref_logp_real.detach(), logp_fake - ref_logp_fake.detach(), alpha, beta)
 
 
 def label_dropout_alpha(alpha: float, dropped: torch.Tensor) -> torch.Tensor:

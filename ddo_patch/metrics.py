@@ -1,4 +1,4 @@
-"""Metric math shared by the backends and the demo: Frechet distance, coverage, class-balanced labels."""
+"""Metric math shared by the adapters, the benchmarks and the demo: Frechet distance, coverage."""
 
 from __future__ import annotations
 
@@ -35,15 +35,3 @@ def coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> float:
     radii = real_tree.query(real, k=k + 1)[0][:, -1]  # k+1: the nearest point is the sample itself
     nearest_fake = scipy.spatial.cKDTree(fake).query(real, k=1)[0]
     return float(np.mean(nearest_fake <= radii))
-
-
-def balanced_labels(seeds, num_classes: int) -> np.ndarray:
-    """Class of each sampling seed: `seed % num_classes`.
-
-    Any contiguous seed range whose length is a multiple of num_classes is exactly class-balanced (the
-    paper found balance crucial), and each seed's class depends on the seed alone, so generation can be
-    split over GPUs and resumed in any order.
-    """
-    if num_classes < 1:
-        raise DDOPatchError(f'num_classes must be >= 1, got {num_classes}')
-    return np.asarray(seeds, dtype=np.int64) % num_classes

@@ -1,6 +1,6 @@
 """Locating, fetching and pinning the upstream checkouts (NVlabs/edm2, FoundationVision/VAR).
 
-Resolution order (DESIGN.md): an explicit root (`--edm2-root`, `--var-root`), then the environment
+Resolution order (docs/design.md): an explicit root (`--edm2-root`, `--var-root`), then the environment
 (`EDM2_ROOT`, `VAR_ROOT`), then the cache filled by `ddo-patch fetch edm2|var`. Upstream code is never
 copied into this project; `activate()` puts the checkout on `sys.path` so its top-level modules
 (`training`, `dnnlib`, `torch_utils` / `models`, `utils`, `trainer`, `dist`) import as upstream intends.

@@ -16,31 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import click
 import torch
 import tqdm
 
 from ddo_patch import upstream
-from ddo_patch.distributed import run_entry_point
+from ddo_patch.distributed import device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.metrics import frechet_distance
 from edm2_ext import options
+from edm2_ext.run_files import list_snapshots
 
 UPSTREAM_DETECTORS = {'fid': 'calculate_metrics.InceptionV3Detector', 'fd_dinov2': 'calculate_metrics.DINOv2Detector'}
-SNAPSHOT_PATTERN = re.compile(r'network-snapshot-(\d+)(-[\d.]+)?\.pkl')
-
-
-def list_snapshots(path: str) -> list:
-    """`path` itself, or the network snapshots in run directory `path` in training order."""
-    if not os.path.isdir(path):
-        return [path]
-    names = sorted((n for n in os.listdir(path) if SNAPSHOT_PATTERN.fullmatch(n)), key=lambda n: (int(SNAPSHOT_PATTERN.fullmatch(n).group(1)), n))
-    if not names:
-        raise DDOPatchError(f'no network-snapshot-*.pkl in {path}; give a snapshot or a run directory of edm2_ext.train')
-    return [os.path.join(path, n) for n in names]
 
 
 def parse_detectors(metrics, overrides) -> dict:
@@ -65,7 +54,7 @@ def _all_reduce(x):
 
 
 @torch.no_grad()
-def feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs) -> dict:
+def sample_feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs) -> dict:
     """{metric: (mu, sigma)} of this snapshot's class-balanced samples, over all ranks."""
     from torch_utils import distributed as dist
     from training.encoders import StandardRGBEncoder
@@ -134,7 +123,7 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
         if row is None:
             if detectors is None:
                 detectors = {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in detector_names.items()}
-            stats = feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
+            stats = sample_feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
             row = {'snapshot': os.path.basename(path)}
             row.update({m: frechet_distance(*stats[m], ref_stats[m]['mu'], ref_stats[m]['sigma']) for m in metrics})
             dist.print0('  '.join([row['snapshot']] + [f'{m} {row[m]:.4f}' for m in metrics]))
@@ -159,7 +148,7 @@ def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps
     """Class-balanced FID of a snapshot or of every snapshot of a run; writes all results and the best one."""
     upstream.activate('edm2', edm2_root)
     from torch_utils import distributed as dist
-    from edm2_ext.platform import device_for_this_rank, init_distributed
+    from edm2_ext.platform import init_distributed
     device = device_for_this_rank()
     init_distributed(device)
     report = evaluate(net, ref, dest, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds,

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=8 -m edm2_ext.generate --net=ref.pkl --seeds=0-49999 --outdir=fake.zip
 
 Upstream's EDM sampler (`generate_images.edm_sampler`) and per-seed noise (`StackedRandomGenerator`)
-are used unchanged; the label of seed s is class s % num_classes (`ddo_patch.metrics.balanced_labels`),
+are used unchanged; the label of seed s is class s % num_classes (`ddo_patch.seeds.balanced_labels`),
 so any seed range of a multiple of num_classes is exactly balanced, whatever the number of processes.
 Rank r takes seeds r, r + world, ... of the list.
 
@@ -26,10 +26,10 @@ import torch
 import tqdm
 
 from ddo_patch import upstream
-from ddo_patch.distributed import run_entry_point
+from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import exit_on_user_error
 from ddo_patch.files import write_atomic
-from ddo_patch.metrics import balanced_labels
+from ddo_patch.seeds import balanced_labels
 from edm2_ext import options
 
 
@@ -95,7 +95,6 @@ def generate_dataset(net_path, outdir, seeds, batch, device, **sampler_kwargs):
     from torch_utils import distributed as dist
     from training.encoders import StandardRGBEncoder
     from edm2_ext.network import load_snapshot
-    from edm2_ext.platform import barrier
 
     is_zip = outdir.lower().endswith('.zip')
     if is_zip and os.path.isfile(outdir):
@@ -135,7 +134,7 @@ def generate_dataset(net_path, outdir, seeds, batch, device, **sampler_kwargs):
 def cmdline(net_path, outdir, seeds, batch, edm2_root, **sampler_kwargs):
     """Generate class-balanced reference samples (an EDM2 data set) for DDO's --fake; rerun to resume."""
     upstream.activate('edm2', edm2_root)
-    from edm2_ext.platform import device_for_this_rank, init_distributed
+    from edm2_ext.platform import init_distributed
     device = device_for_this_rank()
     init_distributed(device)
     generate_dataset(net_path, outdir, seeds, batch, device, **sampler_kwargs)

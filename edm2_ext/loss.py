@@ -42,9 +42,10 @@ class DDOLoss:
     (`single_forward`): EDM2's MPConv renormalises its weights in place on every training-mode forward,
     and DDP expects one forward per backward.
 
-    Reports `DDO/delta_real`, `DDO/delta_fake` (log p_theta - log p_ref, ELBO surrogate) and
-    `DDO/accuracy_real`, `DDO/accuracy_fake` (discriminator d = sigmoid(beta * delta) right on the side)
-    through `training_stats`, so they land in stats.jsonl.
+    Reports `DDO/loss_real`, `DDO/loss_fake` (the two terms of Eq. 13), `DDO/delta_real`, `DDO/delta_fake`
+    (log p_theta - log p_ref, ELBO surrogate) and `DDO/accuracy_real`, `DDO/accuracy_fake` (discriminator
+    d = sigmoid(beta * delta) right on the side) through `training_stats`, so they land in stats.jsonl
+    under the names var_ext.train logs too (`DDOTerms.log_values`).
 
     Checkpoints (`training-state-*.pt`) keep only the fake-stream position (`state_dict`), so a resumed
     run continues the stream where it stopped. Snapshot pickles get an upstream `EDM2Loss` with the same
@@ -70,11 +71,8 @@ class DDOLoss:
             labels = fake_labels = None
         trained = _KeepLogvar(net)
         terms = self.ddo.terms(trained, self.reference_net(images.device), images, fake_images, labels, fake_labels)
-        training_stats.report('DDO/delta_real', terms.delta_real)
-        training_stats.report('DDO/delta_fake', terms.delta_fake)
-        accuracy_real, accuracy_fake = terms.discriminator_accuracy()  # equal batches: the mean of means is the mean
-        training_stats.report('DDO/accuracy_real', accuracy_real)
-        training_stats.report('DDO/accuracy_fake', accuracy_fake)
+        for name, values in terms.log_values().items():
+            training_stats.report(name, values)
         return terms.loss + 0 * trained.logvar.flatten()[:images.shape[0]]
 
     def reference_net(self, device):

@@ -4,7 +4,7 @@ import click
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.sizes import parse_nimg
-from edm2_ext.presets import parse_seeds
+from ddo_patch.seeds import parse_seeds
 
 
 class _Parsed(click.ParamType):
@@ -21,8 +21,19 @@ class _Parsed(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+def _number_list(kind):
+    def parse(text):
+        try:
+            return [kind(part) for part in str(text).split(',') if part.strip()]
+        except ValueError:
+            raise DDOPatchError(f'"{text}" is not a comma-separated list of {kind.__name__}s, e.g. 1,2,2') from None
+    return parse
+
+
 NIMG = _Parsed('nimg', parse_nimg)
 SEEDS = _Parsed('seeds', parse_seeds)
+INT_LIST = _Parsed('list', _number_list(int))
+FLOAT_LIST = _Parsed('list', _number_list(float))
 
 edm2_root = click.option('--edm2-root', metavar='DIR', default=None,
                          help='NVlabs/edm2 checkout.  [default: $EDM2_ROOT, else the `ddo-patch fetch edm2` cache]')

@@ -1,11 +1,11 @@
-"""Process-group setup, and adapters for upstream EDM2 code that assumes CUDA and an older torch.
+"""Adapters for upstream EDM2 code that assumes CUDA and an older torch, and its statistics' process-group setup.
 
 We adapt from outside instead of patching upstream files. Upstream (at the pin) hard-codes CUDA in four
 places:
 
-- `torch_utils.distributed.init` picks NCCL and calls `torch.cuda.set_device`: on CPU, `init_distributed`
-  opens a gloo group itself and sets up `training_stats` with a CPU sync device (gloo reduces CPU
-  tensors), so upstream's `init` is never called there;
+- `torch_utils.distributed.init` picks NCCL and calls `torch.cuda.set_device`: `init_distributed` joins
+  the group through `ddo_patch.distributed` (gloo on the CPU) and, on the CPU, sets up `training_stats`
+  with a CPU sync device (gloo reduces CPU tensors), so upstream's `init` is never called there;
 - `training_loop(device=...)` defaults to CUDA: we pass the device;
 - the loop builds `DistributedDataParallel(net, device_ids=[device])`, which torch rejects for CPU
   modules, and calls `torch.cuda.reset_peak_memory_stats`, which a CPU-only torch lacks:
@@ -27,46 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import warnings
 
 import torch
 
-from ddo_patch.distributed import join_process_group
+from ddo_patch.distributed import join_from_env
 from ddo_patch.errors import DDOPatchError
-
-
-def device_for_this_rank() -> torch.device:
-    """The rank's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    return torch.device('cpu')
+from ddo_patch.scoped import swapped
 
 
 def init_distributed(device: torch.device) -> None:
-    """Upstream `dist.init()` on CUDA; the same env:// defaults with gloo on CPU (idempotent)."""
+    """Join the process group (`ddo_patch.distributed`), then set up upstream's `training_stats` reductions: upstream's
+    own `dist.init()` on CUDA (with the group already there it only does that), a CPU sync device on the CPU."""
     from torch_utils import distributed as dist
     from torch_utils import training_stats
+    rank, world = join_from_env(device)
     if device.type == 'cuda':
         dist.init()
-        return
-    if torch.distributed.is_initialized():
-        return
-    os.environ.setdefault('MASTER_ADDR', 'localhost')
-    if 'MASTER_PORT' not in os.environ:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(('', 0))
-            os.environ['MASTER_PORT'] = str(s.getsockname()[1])
-    for name, default in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
-        os.environ.setdefault(name, default)
-    join_process_group('gloo')
-    world = torch.distributed.get_world_size()
-    training_stats.init_multiprocessing(rank=torch.distributed.get_rank(), sync_device=torch.device('cpu') if world > 1 else None)
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    else:
+        training_stats.init_multiprocessing(rank=rank, sync_device=torch.device('cpu') if world > 1 else None)
 
 
 class _CPUDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -74,21 +53,6 @@ class _CPUDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
     def __init__(self, module, device_ids=None, output_device=None, **kwargs):
         super().__init__(module, **kwargs)
-
-
-@contextlib.contextmanager
-def _swapped(owner, name, value):
-    """Set `owner.name = value` for the block; restore (or remove, if it was inherited) on exit."""
-    had_own = name in vars(owner)
-    original = vars(owner).get(name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        if had_own:
-            setattr(owner, name, original)
-        else:
-            delattr(owner, name)
 
 
 @contextlib.contextmanager
@@ -118,12 +82,12 @@ def upstream_compatible(device: torch.device):
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings('ignore', 'Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected')
         if '__init__' not in vars(torch.utils.data.Sampler):
-            stack.enter_context(_swapped(torch.utils.data.Sampler, '__init__', _sampler_init))
+            stack.enter_context(swapped(torch.utils.data.Sampler, '__init__', _sampler_init))
         if device.type == 'cuda':
             yield
             return
-        stack.enter_context(_swapped(torch.nn.parallel, 'DistributedDataParallel', _CPUDistributedDataParallel))
-        stack.enter_context(_swapped(torch.cuda, 'max_memory_allocated', lambda *args, **kwargs: 0))
-        stack.enter_context(_swapped(torch.cuda, 'max_memory_reserved', lambda *args, **kwargs: 0))
-        stack.enter_context(_swapped(torch.cuda, 'reset_peak_memory_stats', lambda *args, **kwargs: None))
+        stack.enter_context(swapped(torch.nn.parallel, 'DistributedDataParallel', _CPUDistributedDataParallel))
+        stack.enter_context(swapped(torch.cuda, 'max_memory_allocated', lambda *args, **kwargs: 0))
+        stack.enter_context(swapped(torch.cuda, 'max_memory_reserved', lambda *args, **kwargs: 0))
+        stack.enter_context(swapped(torch.cuda, 'reset_peak_memory_stats', lambda *args, **kwargs: None))
         yield

@@ -1,4 +1,4 @@
-"""DDO finetuning presets for the official EDM2 models (paper appendix C), and NIMG size parsing.
+"""DDO finetuning presets for the official EDM2 models (paper appendix C).
 
 Pure Python: importable without an EDM2 checkout.
 
@@ -48,21 +48,3 @@ def resolve(preset: str, round: int = 1, **overrides) -> dict:
             spec.update(schedule[first_round])
     spec.update({key: value for key, value in overrides.items() if value is not None})
     return spec
-
-
-def parse_seeds(text: str) -> list:
-    """Seeds as '0-49999' (inclusive range), '1,2,5-10', or a single number, in the given order."""
-    seeds = []
-    for part in str(text).split(','):
-        bounds = part.strip().split('-')
-        try:
-            if len(bounds) == 1:
-                seeds.append(int(bounds[0]))
-                continue
-            if len(bounds) == 2 and int(bounds[0]) <= int(bounds[1]):
-                seeds.extend(range(int(bounds[0]), int(bounds[1]) + 1))
-                continue
-        except ValueError:
-            pass
-        raise DDOPatchError(f'bad seed list "{text}"; write e.g. 0-49999 or 1,2,5-10')
-    return seeds

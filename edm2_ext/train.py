@@ -21,13 +21,13 @@ import warnings
 import click
 
 from ddo_patch import upstream
-from ddo_patch.distributed import run_entry_point
+from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
-from edm2_ext import options, presets
+from edm2_ext import options, presets, run_files
 
 
-def _check_intervals(c, world_size):
+def check_intervals(c, world_size):
     """Upstream asserts these; we say what to change instead."""
     if c.batch_size % world_size:
         raise DDOPatchError(f'--batch {c.batch_size} is not divisible by the {world_size} processes')
@@ -41,7 +41,11 @@ def _check_intervals(c, world_size):
             raise DDOPatchError(f'{option} {nimg} must be a multiple of --batch {c.batch_size}' + (' and of 1024' if also_1024 else ''))
 
 
-def setup_training_config(data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device):
+def loader_kwargs(device, workers) -> dict:
+    return dict(pin_memory=device.type == 'cuda', num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+
+
+def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device):
     """Check every input and return upstream `training_loop` keyword arguments (without `device`)."""
     import dnnlib
     from edm2_ext.datasets import ENCODERS, check_fake_set, data_interface, open_dataset
@@ -57,7 +61,7 @@ def setup_training_config(data, ref, fake, cond, hp, alpha, beta, batch_gpu, sli
     fake_set = open_dataset(fake, '--fake', use_labels=net_interface[2] > 0)
     check_fake_set(fake_set, net_interface, latent=real.num_channels == 8)
 
-    loader = dict(pin_memory=device.type == 'cuda', num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+    loader = loader_kwargs(device, workers)
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=cond)
     c.encoder_kwargs = dnnlib.EasyDict(class_name=ENCODERS[real.num_channels])
@@ -79,10 +83,10 @@ def launch_training(run_dir, c, device):
     import dnnlib
     import training.training_loop
     from torch_utils import distributed as dist
-    from edm2_ext.platform import barrier, upstream_compatible
+    from edm2_ext.platform import upstream_compatible
     if dist.get_rank() == 0 and not os.path.isdir(run_dir):
         os.makedirs(run_dir)
-        with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+        with open(os.path.join(run_dir, run_files.OPTIONS), 'wt') as f:
             json.dump(c, f, indent=2)
     barrier()
     dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
@@ -135,15 +139,23 @@ def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2
           edm2_root=None):
     """Check every input, then run one DDO run (the body of this entry and of the patched train_edm2.py)."""
     check_hyperparameters(alpha, beta)
+    run_training(outdir, lambda device: setup_training_config(
+        data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
+        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device), dry_run=dry_run, edm2_root=edm2_root)
+
+
+def run_training(outdir, configure, dry_run=False, edm2_root=None):
+    """Join the process group, build upstream `training_loop` arguments with `configure(device)` (which checks the
+    inputs), print them, and run the loop (or stop there for a dry run). Shared by edm2_ext.train and .pretrain."""
     upstream.activate('edm2', edm2_root)
     warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
     from torch_utils import distributed as dist
-    from edm2_ext.platform import device_for_this_rank, init_distributed
+    from edm2_ext.platform import init_distributed
 
     device = device_for_this_rank()
     init_distributed(device)
-    c = setup_training_config(data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device)
-    _check_intervals(c, dist.get_world_size())
+    c = configure(device)
+    check_intervals(c, dist.get_world_size())
     dist.print0(json.dumps(dict(c, device=str(device), world_size=dist.get_world_size()), indent=2))
     if dry_run:
         dist.print0('Dry run; exiting.')

@@ -82,9 +82,13 @@ def test_ddo_run_writes_snapshots_stats_and_checkpoints(pipeline):
     stats = read_stats(pipeline['ddo'])
     trained = [row for row in stats if 'Loss/loss' in row]
     assert len(trained) == 2048 // BATCH
-    for name in ('DDO/delta_real', 'DDO/delta_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake'):
+    for name in ('DDO/loss_real', 'DDO/loss_fake', 'DDO/delta_real', 'DDO/delta_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake'):
         assert all(math.isfinite(row[name]) for row in trained)
-    assert all(0 <= row['DDO/accuracy_fake'] <= 1 for row in trained)
+    # The first step is at theta = theta_ref: every delta is 0 up to float noise, so the real term is log 2 and the
+    # fake term alpha log 2 (the discriminator accuracies are the noise's signs there; test_implicit_... checks them).
+    first = trained[0]
+    assert first['DDO/loss_real'] == pytest.approx(math.log(2), abs=1e-4)
+    assert first['DDO/loss_fake'] == pytest.approx(ALPHA * math.log(2), abs=1e-4)
 
 
 def test_implicit_discriminator_learns_to_separate_real_from_reference_samples(pipeline):
@@ -191,14 +195,14 @@ def test_evaluate_ranks_snapshots(pipeline, edm2_root, tmp_path):
     # Reference statistics of the reference model's own samples: the snapshot at kimg 0 is that model
     # (same seeds, same sampler), so it must come out best with FID ~ 0, and the trained ones worse.
     from training.dataset import ImageFolderDataset
-    from edm2_tiny_detector import TinyDetector
+    from edm2_ext.example import PixelProjection
     fake = ImageFolderDataset(path=pipeline['fake'])
-    features = TinyDetector()(torch.as_tensor(np.stack([fake[i][0] for i in range(len(fake))]))).numpy()
+    features = PixelProjection()(torch.as_tensor(np.stack([fake[i][0] for i in range(len(fake))]))).numpy()
     with open(tmp_path / 'ref.pkl', 'wb') as f:
         pickle.dump({'fid': dict(mu=features.mean(0), sigma=np.cov(features, rowvar=False))}, f)
     dest = tmp_path / 'fid.json'
     args = ['-m', 'edm2_ext.evaluate', '--net', pipeline['ddo'], '--ref', str(tmp_path / 'ref.pkl'), '--dest', str(dest),
-            '--detector', 'fid=edm2_tiny_detector:TinyDetector', '--seeds', '0-63', '--batch', '32', '--steps', '4']
+            '--detector', 'fid=edm2_ext.example:PixelProjection', '--seeds', '0-63', '--batch', '32', '--steps', '4']
     first_log = run(args, edm2_root, tmp_path).stdout
     report = json.loads(dest.read_text())
     assert [r['snapshot'] for r in report['results']] == [f'network-snapshot-{k:07d}-0.050.pkl' for k in (0, 1, 2)]
@@ -230,7 +234,7 @@ def test_latent_model_round_trip(edm2_root, tmp_path):
     """The ImageNet-512 path: 8-channel VAE moments as data, a 4-channel latent net, fake latents stored as the
     sampler returns them (no decode/encode), DDO on them. No VAE is needed: only encode_latents runs."""
     data = write_dataset(tmp_path / 'latents', latent=True)
-    ref = train_mle_snapshot(data, tmp_path / 'mle', edm2_root, encoder='training.encoders.StabilityVAEEncoder')
+    ref = train_mle_snapshot(data, tmp_path / 'mle', edm2_root)
     fake = str(tmp_path / 'fake.zip')
     run(['-m', 'edm2_ext.generate', '--net', ref, '--outdir', fake, '--seeds', '0-15', '--steps', '3'], edm2_root, tmp_path)
 
@@ -276,18 +280,47 @@ def _bad_inputs(p):
     }
 
 
+# All cases in one process (each through the entry point's own error handling), instead of one process each.
+BAD_INPUT_RUNNER = """
+import contextlib, io, json, sys
+from ddo_patch.errors import exit_on_user_error
+from edm2_ext.train import cmdline
+results = {}
+for case, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            exit_on_user_error(cmdline.main)(args, standalone_mode=False)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    results[case] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope='module')
+def bad_input_results(pipeline, edm2_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad-inputs')
+    cases = {}
+    for case, ((option, value), message) in _bad_inputs(pipeline).items():
+        args = list(pipeline['train_args'][2:])   # without '-m edm2_ext.train'
+        args[args.index('--outdir') + 1] = str(root / case.replace(' ', '-'))
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+        cases[case] = args
+    proc = run(['-c', BAD_INPUT_RUNNER, json.dumps(cases)], edm2_root, root)
+    return root, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize('case', ['ref is not a snapshot', 'fake resolution', 'fake label dim', 'unlabelled fake',
                                   'data resolution', 'alpha < 0', 'beta = 0', 'no upstream'])
-def test_bad_input_is_one_line_and_writes_nothing(pipeline, edm2_root, tmp_path, case):
-    change, message = _bad_inputs(pipeline)[case]  # (option, value) replacing a good one
-    args = list(pipeline['train_args'])
-    args[args.index('--outdir') + 1] = outdir = str(tmp_path / 'out')
-    option, value = change
-    if option in args:
-        args[args.index(option) + 1] = value
-    else:
-        args += [option, value]
-    proc = run(args, edm2_root, tmp_path, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
-    assert not os.path.exists(outdir)
+def test_bad_input_is_one_line_and_writes_nothing(pipeline, bad_input_results, case):
+    root, results = bad_input_results
+    code, stderr = results[case]
+    message = _bad_inputs(pipeline)[case][1]
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], stderr
+    assert not os.path.exists(root / case.replace(' ', '-'))

@@ -6,7 +6,8 @@ import pytest
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.sizes import parse_nimg
-from edm2_ext.presets import PRESETS, parse_seeds, resolve
+from ddo_patch.seeds import parse_seeds
+from edm2_ext.presets import PRESETS, resolve
 
 
 def test_img64_rounds_follow_appendix_c():

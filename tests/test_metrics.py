@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.metrics import balanced_labels, coverage, feature_statistics, frechet_distance
+from ddo_patch.metrics import coverage, feature_statistics, frechet_distance
+from ddo_patch.seeds import balanced_labels
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():

@@ -332,16 +332,16 @@ def test_var_train_runs_a_ddo_round_from_local_weights(patched_var_run):
     proc = patched_var_run['run'](f'--ddo_alpha={alpha}', '--ddo_beta=0.05', '--iterations', '3', '--seed=3')
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = patched_var_run['out']
-    with open(out / 'args.json') as f:
+    with open(out / 'training_options.json') as f:
         args = json.load(f)
     assert (args['ddo_alpha'], args['ddo_beta'], args['iterations'], args['seed']) == (alpha, 0.05, 3, 3)
-    assert args['var_root'] == str(patched_var_run['repo']) and args['ckpt'] == patched_var_run['var']
+    assert args['var_root'] == str(patched_var_run['repo']) and args['ref'] == patched_var_run['var']
     with open(out / 'log.jsonl') as f:
         log = [json.loads(line) for line in f]
     assert [row['iteration'] for row in log] == [1, 2, 3]
     first = log[0]  # target = reference: every sample's discriminator sits at 1/2; alpha = 0 on dropped labels
-    assert first['loss_real'] == pytest.approx(math.log(2), abs=1e-5)
-    assert first['loss_fake'] == pytest.approx(alpha * first['kept_labels'] * math.log(2), abs=1e-4)
+    assert first['DDO/loss_real'] == pytest.approx(math.log(2), abs=1e-5)
+    assert first['DDO/loss_fake'] == pytest.approx(alpha * first['DDO/kept_labels'] * math.log(2), abs=1e-4)
     trained = torch.load(out / 'var-ddo-last.pth', map_location='cpu')
     pretrained = torch.load(patched_var_run['var'], map_location='cpu')
     assert trained.keys() == pretrained.keys() and not torch.equal(trained['head.weight'], pretrained['head.weight'])

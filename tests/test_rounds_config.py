@@ -11,11 +11,14 @@ import time
 import psutil
 import pytest
 
-from ddo_patch import manifest, rounds_config, rounds_launch
+from ddo_patch.rounds import config as rounds_config
+from ddo_patch.rounds import launch as rounds_launch
+from ddo_patch.rounds import manifest
 from ddo_patch.cli import main
-from ddo_patch.rounds import _stop_reason
+from ddo_patch.rounds.manager import _stop_reason
 from rounds_helpers import cli_runner, install_fake_slurm, read_manifest, write_config
 
+EDM2 = 'edm2_ext.rounds_backend.RoundsBackend'
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
@@ -27,7 +30,7 @@ def files(tmp_path):
 
 
 def edm2_config(files, **changes):
-    top = dict(backend='edm2', rounds=2, pretrained='ref.pkl', data='data.zip')
+    top = dict(backend=EDM2, rounds=2, pretrained='ref.pkl', data='data.zip')
     tables = dict(run=dict(duration='2Ki', eval_every='1Ki'), sweep=dict(alpha=[1, 2], beta=[0.05]),
                   evaluate=dict(metric='fid', reference='stats.pkl'))
     for key, value in changes.items():
@@ -65,7 +68,7 @@ def test_invalid_config_is_one_line_and_runs_nothing(files, changes, message):
 
 
 def test_overrides_apply_from_their_round_in_order(files):
-    path = write_config(files / 'o.toml', dict(backend='edm2', rounds=28, pretrained='ref.pkl', data='data.zip'),
+    path = write_config(files / 'o.toml', dict(backend=EDM2, rounds=28, pretrained='ref.pkl', data='data.zip'),
                         dict(run=dict(duration='1Ki', eval_every='1Ki'), sweep=dict(alpha=[1], beta=[0.1]),
                              train=dict(P_std=1.6, lr=1e-4), evaluate=dict(metric='fid', reference='stats.pkl')),
                         [('override', dict(from_round=22, P_std=3.0)), ('override', dict(from_round=18, P_std=2.0)),
@@ -188,12 +191,12 @@ def test_a_work_directory_refuses_a_changed_config_but_not_more_rounds(files, tm
 
 
 def test_example_refuses_an_existing_directory(tmp_path):
-    result = cli_runner().invoke(main, ['rounds', 'example', str(tmp_path)])
-    assert result.exit_code == 2 and result.stderr.strip() == f'error: {tmp_path} exists; give a new directory for the example'
+    proc = subprocess.run([sys.executable, '-m', 'edm2_ext.example', str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f'error: {tmp_path} exists; give a new directory for the example'
 
 
 def test_local_launcher_uses_torchrun_for_several_processes():
-    from ddo_patch.rounds_launch import Command, command_line
+    from ddo_patch.rounds.launch import Command, command_line
     command = Command('edm2_ext.train', ['--outdir', 'round01/a1_b0.1'])
     local = dict(kind='local', nodes=1, env={})
     python = sys.executable

@@ -1,4 +1,4 @@
-"""The round manager driving the real upstream EDM2 code on the CPU (tiny world of `rounds example`):
+"""The round manager driving the real upstream EDM2 code on the CPU (tiny world of `edm2_ext.example`):
 two rounds x two sweep points end to end, a manager SIGKILLed mid-generation, mid-training and
 mid-evaluation that ends with the same manifest, a sweep point with a NaN loss, a round where every run fails.
 The manager runs as a subprocess, exactly as users run it."""
@@ -24,7 +24,7 @@ TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny-cpu-edm2.toml')
 
 @pytest.fixture(scope='module')
 def world(edm2_root, tmp_path_factory):
-    from ddo_patch.rounds_example import make_example
+    from edm2_ext.example import make_example
     root = tmp_path_factory.mktemp('rounds-edm2')
     paths = make_example(str(root / 'tiny'), edm2_root)
     env = dict(os.environ, DDO_TINY=str(root / 'tiny'), EDM2_ROOT=str(edm2_root))

@@ -3,7 +3,6 @@ with the tiny random VQVAE + VAR and the synthetic token data of `var_tiny`, sel
 trainer's own evaluations (`metrics.jsonl`, `var-ddo-best.pth`), the best checkpoint promoted."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,12 +19,10 @@ ITERATIONS, EVAL_EVERY, BATCH = 4, 2, 8
 
 @pytest.fixture(scope='module')
 def var_run(var_root, tmp_path_factory):
-    if importlib.util.find_spec('var_ext.train') is None:
-        pytest.skip('var_ext.train is not in this checkout (the VAR entry point comes with the VAR work)')
     from var_tiny import tiny_checkpoints
     root = tmp_path_factory.mktemp('rounds-var')
     vae, ckpt = tiny_checkpoints(str(var_root), str(root))
-    config = write_config(root / 'var.toml', dict(backend='var', rounds=2, pretrained=ckpt, pretraining_images=1024), dict(
+    config = write_config(root / 'var.toml', dict(backend='var_ext.rounds_backend.RoundsBackend', rounds=2, pretrained=ckpt, pretraining_images=1024), dict(
         run=dict(duration=ITERATIONS, eval_every=EVAL_EVERY), sweep=dict(alpha=[10, 50], beta=[0.02]),
         train=dict(depth=2, vae=vae, patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,
                    dataset='var_tiny:token_dataset', workers=0, global_batch=BATCH, lr=1e-3),
@@ -46,7 +43,7 @@ def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkp
     assert first['reference']['path'] == var_run['ckpt'] and first['reference_samples'] is None   # sampled online
     assert second['reference'] == dict(path=first['chosen']['snapshot'], sha256=first['chosen']['sha256'],
                                        promoted_from=first['chosen']['run'])
-    assert all(f'--ckpt {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
+    assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
     assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-6)   # the same weights
     for r in m['rounds']:
         _check_round(workdir, r)
@@ -56,7 +53,7 @@ def _check_round(workdir, r):
     assert [run['name'] for run in r['runs']] == ['a10_b0.02', 'a50_b0.02']
     for run in r['runs']:
         assert run['status'] == 'done' and run['images'] == ITERATIONS * BATCH
-        assert f'-m var_ext.train --outdir {r["dir"]}/{run["name"]} --ckpt {r["reference"]["path"]} --ddo-alpha {run["alpha"]:g}' in run['commands'][0]
+        assert f'-m var_ext.train --outdir {r["dir"]}/{run["name"]} --ref {r["reference"]["path"]} --ddo-alpha {run["alpha"]:g}' in run['commands'][0]
         rows = [json.loads(line) for line in (workdir / run['run_dir'] / 'metrics.jsonl').read_text().splitlines()]
         assert [e['step'] for e in run['evaluations']] == [row['iteration'] for row in rows] == [0, 2, 4]
         assert [e['score'] for e in run['evaluations']] == [row['cfg=0'] for row in rows]

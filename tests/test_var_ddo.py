@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from var_ext import models, sampling
+from var_ext import models, sampler
 from var_ext.trainer import build_optimizer, make_trainer
-from var_ext.data import split_scales
+from var_ext.datasets import split_scales
 from var_tiny import TINY, build_tiny, draw_real_tokens, one_cpu_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
@@ -31,10 +31,10 @@ def test_loss_at_the_reference_is_log2_times_one_plus_alpha_kept(var_root):
     trainer = tiny_trainer(var_root, alpha=10.0)
     labels, real = real_batch(16, seed=0)
     log = trainer.step(labels, real, iteration=0)
-    assert 0 < log.kept_labels < 1     # both dropped and kept samples are present
+    assert 0 < log['DDO/kept_labels'] < 1     # both dropped and kept samples are present
     # per pair: log 2 (real) + alpha_i log 2 (fake), averaged over the batch
-    assert log.loss == pytest.approx(math.log(2) * (1 + 10.0 * log.kept_labels), abs=1e-5)
-    assert log.delta_real == log.delta_fake == 0
+    assert log['Loss/loss'] == pytest.approx(math.log(2) * (1 + 10.0 * log['DDO/kept_labels']), abs=1e-5)
+    assert log['DDO/delta_real'] == log['DDO/delta_fake'] == 0
 
 
 def test_reference_never_changes_while_the_target_does(var_root):
@@ -86,6 +86,6 @@ def test_training_separates_real_from_reference_samples(var_root):
     for it in range(200):
         trainer.step(*real_batch(16, seed=100 + it), iteration=it)
     labels, real = real_batch(40, seed=99_999)          # held-out real sequences
-    fake = sampling.sample(trainer.ref_var, labels, cfg=0, generator=torch.Generator().manual_seed(7)).tokens
+    fake = sampler.sample(trainer.ref_var, labels, cfg=0, generator=torch.Generator().manual_seed(7)).tokens
     delta_real, delta_fake = _mean_delta(trainer, labels, real), _mean_delta(trainer, labels, fake)
     assert delta_real > 1.0 and delta_fake < -1.0, (delta_real, delta_fake)

@@ -20,7 +20,7 @@ def files(var_root, tmp_path_factory):
 
 def argv(files, outdir, *extra):
     vae, ckpt = files
-    return ['--ckpt', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
+    return ['--ref', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
             '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--dataset', 'var_tiny:token_dataset',
             '--workers', '0', '--global-batch', '8', '--outdir', str(outdir), *extra]
 
@@ -31,10 +31,12 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     run = tmp_path / 'run'
     log = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
     assert [r['iteration'] for r in log] == [1, 2, 3]
-    for key in ('loss', 'loss_real', 'loss_fake', 'acc_real', 'acc_fake', 'samples_per_s', 'lr', 'seconds_generate'):
+    for key in ('Loss/loss', 'DDO/loss_real', 'DDO/loss_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake',
+                'Timing/samples_per_s', 'Progress/lr', 'Timing/seconds_generate'):
         assert all(key in r for r in log)
     metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
+    assert all(m['score'] == m['cfg=0'] for m in metrics)   # --best-by free: guidance-free selects
     # a fresh upstream VAR (upstream's own builder) takes both checkpoints with strict=True
     upstream_models = models.import_upstream(var_root)
     with models.upstream_initialisation_disabled():
@@ -52,19 +54,19 @@ def test_images_are_tokenised_through_the_vqvae(files, tmp_path):
     args[args.index('var_tiny:token_dataset')] = 'var_tiny:image_dataset'
     assert train.main(args) == 2
     log = [json.loads(line) for line in (tmp_path / 'images' / 'log.jsonl').read_text().splitlines()]
-    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4) and log[1]['delta_real'] != 0
+    assert log[0]['Loss/loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4) and log[1]['DDO/delta_real'] != 0
 
 
 def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
-    assert train.main(argv(files, tmp_path / 'accum', '--iterations', '2', '--grad-accum', '2', '--label-drop', '0')) == 2
+    assert train.main(argv(files, tmp_path / 'accum', '--iterations', '2', '--batch-gpu', '4', '--label-drop', '0')) == 2
     log = [json.loads(line) for line in (tmp_path / 'accum' / 'log.jsonl').read_text().splitlines()]
-    assert log[0]['loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4)   # theta = theta_ref, no label dropped
-    assert all(math.isfinite(r['grad_norm']) for r in log)
+    assert log[0]['Loss/loss'] == pytest.approx(math.log(2) * (1 + 50), abs=1e-4)   # theta = theta_ref, no label dropped
+    assert all(math.isfinite(r['Loss/grad_norm']) for r in log)
 
 
 def test_resume_continues_from_the_saved_iteration(files, tmp_path):
     common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3')
-    assert train.main(argv(files, tmp_path / 'split', *common, '--stop-after', '3')) == 3
+    assert train.main(argv(files, tmp_path / 'split', *common, '--slice', '3')) == 3
     assert torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration'] == 3
     assert train.main(argv(files, tmp_path / 'split', *common)) == 4
     assert train.main(argv(files, tmp_path / 'whole', *common)) == 4
@@ -82,7 +84,7 @@ def test_resume_continues_from_the_saved_iteration(files, tmp_path):
     (('--dataset', 'var_tiny:bad_label_dataset'), 'class labels must lie in [0, 10)'),
     (('--ddo-alpha', '-1'), 'alpha must be a finite number >= 0'),
     (('--ddo-beta', '0'), 'beta must be a finite number > 0'),
-    (('--grad-accum', '3'), 'per-rank batch 8 does not split into --grad-accum 3'),
+    (('--batch-gpu', '3'), '--batch-gpu 3 must divide the per-rank batch 8'),
 ])
 def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

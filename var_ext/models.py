@@ -23,6 +23,7 @@ from typing import Tuple
 import torch.nn as nn
 
 from ddo_patch import upstream
+from ddo_patch.scoped import restored
 
 # The classes whose `reset_parameters` upstream replaces (models/__init__.py at the pin).
 _PATCHED_CLASSES = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
@@ -65,19 +66,12 @@ def import_upstream(var_root=None, module: str = 'models'):
         os.chdir(cwd)
 
 
-@contextlib.contextmanager
 def upstream_initialisation_disabled():
     """Let upstream disable torch's default init while inside, and restore the original methods on exit."""
-    saved = {cls: cls.__dict__.get('reset_parameters') for cls in _PATCHED_CLASSES}
-    try:
-        yield
-    finally:
-        for cls, method in saved.items():
-            if method is None:          # inherited: drop the override upstream put on the subclass
-                if 'reset_parameters' in cls.__dict__:
-                    delattr(cls, 'reset_parameters')
-            else:
-                setattr(cls, 'reset_parameters', method)
+    stack = contextlib.ExitStack()
+    for cls in _PATCHED_CLASSES:
+        stack.enter_context(restored(cls, 'reset_parameters'))
+    return stack
 
 
 def disable_stochastic_layers(var: nn.Module) -> None:

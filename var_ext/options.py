@@ -1,21 +1,20 @@
-"""Command-line options and loading shared by `var_ext.train` and `var_ext.sample`: which VQVAE + VAR to build
+"""Command-line options and loading shared by `var_ext.train` and `var_ext.generate`: which VQVAE + VAR to build
 (upstream's shapes) and from which files, and the process group under torchrun."""
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as tdist
 
-from ddo_patch.distributed import join_process_group
+from ddo_patch.distributed import device_for_this_rank, join_from_env
 from var_ext import checkpoints, models
 
 
-def add_model_options(parser):
+def add_model_options(parser, weights: str, weights_help: str):
+    """The model options; `weights` is the option naming the VAR state dict (`--ref` to train, `--net` to sample),
+    as edm2_ext names its pretrained/reference snapshot and the network it samples."""
     g = parser.add_argument_group('models')
     g.add_argument('--var-root', metavar='DIR', help='FoundationVision/VAR checkout (default: $VAR_ROOT, then the ddo-patch cache)')
-    g.add_argument('--ckpt', metavar='FILE', required=True, help='VAR state dict (e.g. var_d16.pth, or a var-ddo-*.pth of a previous round)')
+    g.add_argument(weights, metavar='FILE', required=True, help=weights_help)
     g.add_argument('--depth', metavar='INT', type=int, default=16, help='VAR depth; width = 64 * depth, as upstream (default: %(default)s)')
     g.add_argument('--vae', metavar='FILE', default=checkpoints.OFFICIAL_VAE, help='VQVAE state dict, never downloaded (default: %(default)s)')
     g.add_argument('--patch-nums', metavar='LIST', default='1_2_3_4_5_6_8_10_13_16', help='token pyramid, as upstream --pn (default: %(default)s)')
@@ -26,33 +25,23 @@ def add_model_options(parser):
     return g
 
 
-def load_pretrained(args, device):
+def load_pretrained(args, weights, device):
     """(config, vqvae, var) with both weight files checked against the flags before loading strictly."""
     checkpoints.require_file(args.vae, 'VQVAE')            # fail before building a large model
-    checkpoints.require_file(args.ckpt, 'VAR checkpoint')
+    checkpoints.require_file(weights, 'VAR checkpoint')
     cfg = models.VARConfig(depth=args.depth, patch_nums=models.parse_patch_nums(args.patch_nums), num_classes=args.num_classes,
                            vae_vocab=args.vae_vocab, vae_z_channels=args.vae_z, vae_ch=args.vae_ch)
     vae, var = models.build(cfg, device, var_root=args.var_root)
     checkpoints.load_vae(vae, args.vae, f'--vae-vocab {cfg.vae_vocab} --vae-ch {cfg.vae_ch} --vae-z {cfg.vae_z_channels}')
-    checkpoints.load_var(var, args.ckpt, f'--depth {cfg.depth} --patch-nums {args.patch_nums} --num-classes {cfg.num_classes}')
+    checkpoints.load_var(var, weights, f'--depth {cfg.depth} --patch-nums {args.patch_nums} --num-classes {cfg.num_classes}')
     return cfg, vae, var
 
 
 def init_distributed():
-    """(rank, world_size, device) under torchrun (NCCL on CUDA, gloo on CPU), or (0, 1, device) alone."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    cuda = torch.cuda.is_available()
-    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0'))) if cuda else torch.device('cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not tdist.is_initialized():
-        join_process_group('nccl' if cuda else 'gloo')
-    return (tdist.get_rank() if world_size > 1 else 0), world_size, device
-
-
-def barrier(world_size):
-    if world_size > 1:
-        tdist.barrier()
+    """(rank, world_size, device): this process's GPU (or the CPU), in the group torchrun describes (one alone)."""
+    device = device_for_this_rank()
+    rank, world_size = join_from_env(device)
+    return rank, world_size, device
 
 
 AMP_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}

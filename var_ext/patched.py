@@ -21,7 +21,7 @@ from var_ext import train
 # upstream pretraining option -> the var_ext.train option that sets the same thing for a DDO round
 PRETRAINING_OPTIONS = {'bs': '--global-batch', 'tblr': '--lr', 'tlr': '--lr', 'ep': '--iterations', 'wp': '--warmup',
                        'sche': '--schedule', 'twd': '--wd', 'twde': '--wd', 'tclip': '--grad-clip', 'fp16': '--amp',
-                       'ac': '--grad-accum'}
+                       'ac': '--batch-gpu'}
 PATCH_NUMS = {'256': '1_2_3_4_5_6_8_10_13_16', '512': '1_2_3_4_6_9_13_18_24_32'}   # upstream's --pn shorthands
 UNSET_DATA_PATH = '/path/to/imagenet'
 
@@ -39,7 +39,7 @@ def var_ext_argv(args, var_root, argv) -> list:
                             + ' (VAR\'s own options hold pretraining values)')
     if not args.var_ckpt:
         raise DDOPatchError('--ddo=True finetunes a pretrained VAR: give --var_ckpt (e.g. var_d16.pth)')
-    out = ['--var-root', var_root, '--ckpt', args.var_ckpt, '--depth', str(args.depth), '--patch-nums', PATCH_NUMS.get(args.pn, args.pn),
+    out = ['--var-root', var_root, '--ref', args.var_ckpt, '--depth', str(args.depth), '--patch-nums', PATCH_NUMS.get(args.pn, args.pn),
            '--outdir', args.local_out_dir_path, '--ddo-alpha', str(args.ddo_alpha), '--ddo-beta', str(args.ddo_beta),
            '--wp0', str(args.wp0), '--wpe', str(args.wpe)]
     if args.vae_ckpt:

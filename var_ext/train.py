@@ -1,13 +1,17 @@
 """DDO finetuning of a pretrained VAR: one round of online self-play (section 5.3, appendix C).
 
     torchrun --nproc_per_node=8 -m var_ext.train --var-root VAR --vae vae_ch160v4096z32.pth \\
-        --ckpt var_d16.pth --depth 16 --data /path/to/imagenet --outdir runs/d16-round1 \\
+        --ref var_d16.pth --depth 16 --data /path/to/imagenet --outdir runs/d16-round1 \\
         --metric my_fid:fid50k --ddo-alpha 50 --ddo-beta 0.02
 
 Writes to --outdir: `var-ddo-last.pth` and `var-ddo-best.pth` (plain VAR state dicts, loadable with
 upstream `var.load_state_dict(..., strict=True)`), `training-state.pth` (optimiser and iteration, to
-resume: rerun the same command), `log.jsonl` (loss terms, discriminator accuracy, samples/s, lr) and
-`metrics.jsonl`. Runs on CPU (gloo under torchrun) for tests; AMP only on CUDA.
+resume: rerun the same command), `training_options.json`, `log.jsonl` (the loss terms and discriminator
+accuracies under the names edm2_ext.train logs them in stats.jsonl, samples/s, lr) and `metrics.jsonl`
+(each evaluation, with the `score` that selects). The options mirror edm2_ext.train's: `--ref` the
+pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
+`--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
+AMP only on CUDA.
 """
 
 from __future__ import annotations
@@ -17,18 +21,17 @@ import itertools
 import json
 import os
 import time
-import types
 
 import torch
 import torch.distributed as tdist
 
-from ddo_patch.distributed import run_entry_point
+from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
-from var_ext import checkpoints, data, models
-from var_ext.evaluate import Evaluator
-from var_ext.options import add_model_options, barrier, init_distributed, load_pretrained
-from var_ext.trainer import build_optimizer, make_trainer
+from var_ext import checkpoints, datasets, models, run_files
+from var_ext.evaluator import Evaluator
+from var_ext.options import add_model_options, init_distributed, load_pretrained
+from var_ext.trainer import TIMINGS, build_optimizer, make_trainer
 
 AMP_MODES = {'fp32': 0, 'fp16': 1, 'bf16': 2}   # upstream's --fp16 values
 
@@ -36,7 +39,8 @@ AMP_MODES = {'fp32': 0, 'fp16': 1, 'bf16': 2}   # upstream's --fp16 values
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m var_ext.train', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(p)
+    add_model_options(p, '--ref', 'pretrained VAR state dict: initialises the trained and the frozen reference VAR '
+                                '(e.g. var_d16.pth, or var-ddo-best.pth of the previous round)')
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root with train/ and val/ (upstream pipeline; needs torchvision)')
     g.add_argument('--dataset', metavar='MODULE:FN', help='instead of --data: FN(resolution) -> dataset of (image or tokens, label)')
@@ -48,7 +52,7 @@ def parse_args(argv=None):
     g = p.add_argument_group('optimisation (VAR\'s schedule)')
     g.add_argument('--iterations', metavar='INT', type=int, default=80, help='iterations in this round (default: %(default)s)')
     g.add_argument('--global-batch', metavar='INT', type=int, default=1024, help='real samples per iteration over all ranks; as many fakes are drawn (default: %(default)s)')
-    g.add_argument('--grad-accum', metavar='INT', type=int, default=1, help='micro-batches per rank and update, to save memory; same update (default: %(default)s)')
+    g.add_argument('--batch-gpu', metavar='INT', type=int, default=0, help='limit the batch per rank and pass (gradient accumulation, same update); 0 = no limit (default: %(default)s)')
     g.add_argument('--lr', metavar='FLOAT', type=float, default=4e-6, help='peak learning rate, used as is (not scaled by batch) (default: %(default)s)')
     g.add_argument('--schedule', metavar='NAME', default='lin0', help='upstream lr schedule (lin0, cos, lin, ...) (default: %(default)s)')
     g.add_argument('--warmup', metavar='FRAC', type=float, default=0.02, help='warm-up as a fraction of --iterations, as upstream wp = ep/50 (default: %(default)s)')
@@ -63,11 +67,12 @@ def parse_args(argv=None):
     g.add_argument('--metric', metavar='MODULE:FN', help='FN(images uint8 NHWC, labels) -> float, lower is better; without it only the last checkpoint is kept')
     g.add_argument('--eval-every', metavar='INT', type=int, default=4, help='evaluate every INT iterations, and at 0 and the end (default: %(default)s)')
     g.add_argument('--eval-samples', metavar='INT', type=int, default=50000, help='class-balanced images per evaluation (default: %(default)s)')
-    g.add_argument('--eval-cfg', metavar='FLOAT', type=float, default=1.5, help='second evaluation at this upstream CFG scale; 0 = guidance-free only (default: %(default)s)')
+    g.add_argument('--eval-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_EVAL_CFG, help='second evaluation at this upstream CFG scale; 0 = guidance-free only (default: %(default)s)')
     g.add_argument('--eval-batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
     g.add_argument('--best-by', choices=['free', 'cfg'], default='free', help='which score picks the best checkpoint (default: %(default)s)')
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
-    g.add_argument('--stop-after', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
+    g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
+    g.add_argument('-n', '--dry-run', action='store_true', help='check the inputs, print the training options and exit')
     return p.parse_args(argv)
 
 
@@ -77,9 +82,9 @@ def validate(args, world_size):
     if args.global_batch < 1 or args.global_batch % world_size:
         raise DDOPatchError(f'--global-batch {args.global_batch} is not divisible by the world size {world_size}; '
                             f'use a multiple of {world_size}')
-    if args.grad_accum < 1 or (args.global_batch // world_size) % args.grad_accum:
-        raise DDOPatchError(f'the per-rank batch {args.global_batch // world_size} does not split into --grad-accum '
-                            f'{args.grad_accum} equal micro-batches')
+    per_rank = args.global_batch // world_size
+    if args.batch_gpu < 0 or (0 < args.batch_gpu < per_rank and per_rank % args.batch_gpu):
+        raise DDOPatchError(f'--batch-gpu {args.batch_gpu} must divide the per-rank batch {per_rank} (or be 0: no limit)')
     if args.iterations < 2:
         raise DDOPatchError(f'--iterations must be >= 2 (upstream\'s schedule divides by iterations - 1), got {args.iterations}')
     if args.eval_every < 1 or args.log_every < 1:
@@ -96,21 +101,27 @@ def average_across_ranks(values: dict, world_size: int, device) -> dict:
     return dict(zip(values, (packed / world_size).tolist()))
 
 
+def accumulation_rounds(args, world_size) -> int:
+    """Micro-batches per rank and update, as EDM2 derives them from --batch-gpu."""
+    per_rank = args.global_batch // world_size
+    return per_rank // args.batch_gpu if 0 < args.batch_gpu < per_rank else 1
+
+
 def merge_micro_logs(logs):
     """Means over micro-batches, summed times, the gradient norm of the (last) stepping micro-batch."""
-    def mean(values):   # acc_fake is NaN on a micro-batch whose labels were all dropped
+    def mean(values):   # the fake accuracy is NaN on a micro-batch whose labels were all dropped
         finite = [v for v in values if v == v]
         return sum(finite) / len(finite) if finite else float('nan')
-    merged = {k: mean([getattr(log, k) for log in logs]) for k in vars(logs[0])}
-    for k in ('seconds_generate', 'seconds_train'):
+    merged = {k: mean([log[k] for log in logs]) for k in logs[0]}
+    for k in TIMINGS:
         merged[k] *= len(logs)
-    merged['grad_norm'] = logs[-1].grad_norm
-    return types.SimpleNamespace(**merged)
+    merged['Loss/grad_norm'] = logs[-1]['Loss/grad_norm']
+    return merged
 
 
 def build(args, device, world_size):
     """Models, optimiser and trainer; raises before anything is written if a file does not fit the flags."""
-    cfg, vae, var = load_pretrained(args, device)
+    model_cfg, vae, var = load_pretrained(args, args.ref, device)
     ref = models.frozen_copy(var)
     var.train()
     ddp = var
@@ -119,9 +130,9 @@ def build(args, device, world_size):
                                                         broadcast_buffers=False)
     amp = AMP_MODES[args.amp] if device.type == 'cuda' else 0
     opt = build_optimizer(var, lr=args.lr, weight_decay=args.wd, grad_clip=args.grad_clip, mixed_precision=amp,
-                          grad_accum=args.grad_accum, var_root=args.var_root)
+                          grad_accum=accumulation_rounds(args, world_size), var_root=args.var_root)
     rank = tdist.get_rank() if world_size > 1 else 0
-    return cfg, make_trainer(vae, var, ref, ddp, opt, args.ddo_alpha, args.ddo_beta, args.label_drop,
+    return model_cfg, make_trainer(vae, var, ref, ddp, opt, args.ddo_alpha, args.ddo_beta, args.label_drop,
                              seed=args.seed, rank=rank, var_root=args.var_root)
 
 
@@ -130,13 +141,13 @@ class Run:
 
     def __init__(self, outdir, rank, args):
         self.outdir, self.rank, self.args = outdir, rank, args
-        self.state_path = os.path.join(outdir, 'training-state.pth')
+        self.state_path = os.path.join(outdir, run_files.STATE)
 
     def _create(self):
         """Made on the first write, after every input has been checked."""
         os.makedirs(self.outdir, exist_ok=True)
-        if not os.path.isfile(self.path('args.json')):
-            with open(self.path('args.json'), 'w') as f:
+        if not os.path.isfile(self.path(run_files.OPTIONS)):
+            with open(self.path(run_files.OPTIONS), 'w') as f:
                 json.dump(vars(self.args), f, indent=1)
 
     def path(self, name):
@@ -153,9 +164,9 @@ class Run:
             return
         self._create()
         weights = trainer.var_wo_ddp.state_dict()
-        checkpoints.save_atomic(weights, self.path('var-ddo-last.pth'))
+        checkpoints.save_atomic(weights, self.path(run_files.LAST))
         if also_best:
-            checkpoints.save_atomic(weights, self.path('var-ddo-best.pth'))
+            checkpoints.save_atomic(weights, self.path(run_files.BEST))
         checkpoints.save_atomic({'iteration': iteration, 'best': best, 'trainer': trainer.state_dict()}, self.state_path)
 
 
@@ -164,9 +175,15 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed()
     validate(args, world_size)
-    cfg, trainer = build(args, device, world_size)
-    dataset = data.build_dataset(args.data, args.dataset, cfg.resolution, args.var_root)
-    metric = data.resolve(args.metric, '--metric') if args.metric else None
+    model_cfg, trainer = build(args, device, world_size)
+    dataset = datasets.build_dataset(args.data, args.dataset, model_cfg.resolution, args.var_root)
+    metric = datasets.resolve(args.metric, '--metric') if args.metric else None
+    grad_accum = accumulation_rounds(args, world_size)
+    if rank == 0:
+        print(json.dumps(dict(vars(args), device=str(device), world_size=world_size, accumulation_rounds=grad_accum), indent=2), flush=True)
+    if args.dry_run:
+        print('Dry run; exiting.', flush=True)
+        return 0
 
     run = Run(args.outdir, rank, args)
     start, best = 0, None
@@ -177,13 +194,13 @@ def main(argv=None):
         print(f'[var_ext.train] resuming {args.outdir} at iteration {start}/{args.iterations}', flush=True)
 
     loader = torch.utils.data.DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
-                                         batch_sampler=data.ResumableBatchSampler(len(dataset), args.global_batch, rank, world_size, args.seed, start))
+                                         batch_sampler=datasets.ResumableBatchSampler(len(dataset), args.global_batch, rank, world_size, args.seed, start))
     evaluator = None
     if metric is not None:
-        cfgs = (0.0, args.eval_cfg) if args.eval_cfg else (0.0,)
-        evaluator = Evaluator(metric, args.eval_samples, cfgs, args.outdir, args.eval_batch, rank, world_size)
+        scales = (0.0, args.eval_cfg) if args.eval_cfg else (0.0,)
+        evaluator = Evaluator(metric, args.eval_samples, scales, args.outdir, args.eval_batch, rank, world_size)
     lr_control = models.import_upstream(args.var_root, 'utils.lr_control')
-    score_key = 'cfg=0' if args.best_by == 'free' or not args.eval_cfg else f'cfg={args.eval_cfg:g}'
+    score_key = run_files.score_key(args.eval_cfg, args.best_by)
 
     def evaluate(iteration):
         nonlocal best
@@ -191,7 +208,7 @@ def main(argv=None):
         improved = best is None or scores[score_key] < best['score']
         if improved:
             best = {'iteration': iteration, 'score': scores[score_key], 'by': score_key}
-        run.append('metrics.jsonl', {'iteration': iteration, **scores, 'best': best['iteration']})
+        run.append(run_files.METRICS, {'iteration': iteration, **scores, 'score': scores[score_key], 'best': best['iteration']})
         if rank == 0:
             print(f'[eval] it {iteration}: ' + ', '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
                   f' (best: it {best["iteration"]})', flush=True)
@@ -206,7 +223,7 @@ def main(argv=None):
         run.save(trainer, 0, best, also_best=True)
     iteration, done_here = start, 0
     for images_or_tokens, labels in itertools.chain([first], batches):
-        if iteration >= args.iterations or (args.stop_after is not None and done_here >= args.stop_after):
+        if iteration >= args.iterations or (args.slice is not None and done_here >= args.slice):
             break
         wp_it = args.warmup * args.iterations
         _, lr, _, _ = lr_control.lr_wd_annealing(args.schedule, trainer.base.var_opt.optimizer, args.lr, args.wd, args.wd,
@@ -214,30 +231,30 @@ def main(argv=None):
         began = time.perf_counter()   # samples/s counts tokenising, reference sampling and the update
         labels = labels.to(device, non_blocking=True)
         x = images_or_tokens.to(device, non_blocking=True)
-        real = data.split_scales(x, cfg.patch_nums) if not x.is_floating_point() else trainer.real_tokens(x)
+        real = datasets.split_scales(x, model_cfg.patch_nums) if not x.is_floating_point() else trainer.real_tokens(x)
         micro_logs = []
-        for micro, (micro_labels, *micro_real) in enumerate(zip(labels.chunk(args.grad_accum), *(r.chunk(args.grad_accum) for r in real))):
-            micro_logs.append(trainer.step(micro_labels, micro_real, iteration, micro, stepping=micro == args.grad_accum - 1))
+        for micro, (micro_labels, *micro_real) in enumerate(zip(labels.chunk(grad_accum), *(r.chunk(grad_accum) for r in real))):
+            micro_logs.append(trainer.step(micro_labels, micro_real, iteration, micro, stepping=micro == grad_accum - 1))
         log = merge_micro_logs(micro_logs)
         seconds = time.perf_counter() - began
         iteration, done_here = iteration + 1, done_here + 1
         if iteration % args.log_every == 0 or iteration == args.iterations:
-            stats = average_across_ranks(vars(log), world_size, device)
-            record = {'iteration': iteration, 'lr': lr, **stats, 'samples_per_s': args.global_batch / seconds}
-            run.append('log.jsonl', record)
+            stats = average_across_ranks(log, world_size, device)
+            record = {'iteration': iteration, 'Progress/lr': lr, **stats, 'Timing/samples_per_s': args.global_batch / seconds}
+            run.append(run_files.LOG, record)
             if rank == 0:
-                print(f'[it {iteration}/{args.iterations}] loss {stats["loss"]:.4f} (real {stats["loss_real"]:.4f} '
-                      f'fake {stats["loss_fake"]:.4f}) acc real {stats["acc_real"]:.3f} fake {stats["acc_fake"]:.3f} '
-                      f'lr {lr:.3g} {record["samples_per_s"]:.1f} samples/s '
-                      f'(generate {stats["seconds_generate"]:.2f}s, train {stats["seconds_train"]:.2f}s)', flush=True)
+                print(f'[it {iteration}/{args.iterations}] loss {stats["Loss/loss"]:.4f} (real {stats["DDO/loss_real"]:.4f} '
+                      f'fake {stats["DDO/loss_fake"]:.4f}) acc real {stats["DDO/accuracy_real"]:.3f} fake '
+                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {record["Timing/samples_per_s"]:.1f} samples/s '
+                      f'(generate {stats[TIMINGS[0]]:.2f}s, train {stats[TIMINGS[1]]:.2f}s)', flush=True)
         improved = False
         if evaluator is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):
             improved = evaluate(iteration)
         if improved or iteration % args.eval_every == 0 or iteration == args.iterations:
             run.save(trainer, iteration, best, also_best=improved)
     if done_here and iteration % args.eval_every and iteration != args.iterations:
-        run.save(trainer, iteration, best)   # stopped early (--stop-after): keep what was done
-    barrier(world_size)
+        run.save(trainer, iteration, best)   # stopped early (--slice): keep what was done
+    barrier()
     return iteration
 
 

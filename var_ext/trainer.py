@@ -20,15 +20,13 @@ At theta = theta_ref every delta is 0, so the loss is log 2 * (1 + alpha * fract
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.losses import autoregressive_ddo_terms, check_hyperparameters, label_dropout_alpha, sequence_log_likelihood
-from var_ext import sampling
+from var_ext import sampler
 from var_ext.models import import_upstream
 
 # Parameters upstream trains without weight decay (train.py at the pin).
@@ -66,19 +64,8 @@ def build_optimizer(var_wo_ddp, lr: float, weight_decay: float, grad_clip: float
                                grad_clip=grad_clip, n_gradient_accumulation=grad_accum)
 
 
-@dataclasses.dataclass
-class StepLog:
-    loss: float
-    loss_real: float          # mean of -log sigmoid(beta * delta_real)
-    loss_fake: float          # mean of -alpha_i * log sigmoid(-beta * delta_fake)
-    acc_real: float           # discriminator accuracy on real samples, d = sigmoid(beta * delta) > 1/2
-    acc_fake: float           # ... and on reference samples whose label was kept (alpha > 0)
-    delta_real: float         # mean log p_theta - log p_ref on real samples
-    delta_fake: float
-    kept_labels: float        # fraction of samples whose label survived dropout (alpha > 0)
-    grad_norm: float
-    seconds_generate: float   # online reference sampling
-    seconds_train: float      # forward, backward, optimiser step
+# What `DDOTrainer.step` returns besides `DDOTerms.log_values()`, the names EDM2's stats.jsonl uses.
+TIMINGS = ('Timing/seconds_generate', 'Timing/seconds_train')   # online reference sampling; forward, backward, step
 
 
 class DDOTrainer:
@@ -109,7 +96,7 @@ class DDOTrainer:
     def reference_tokens(self, labels: torch.Tensor):
         """Guidance-free, untruncated samples of the frozen reference for `labels` (appendix C)."""
         with self.base.var_opt.amp_ctx:
-            return sampling.sample(self.ref_var, labels, cfg=0.0, generator=self.generator).tokens
+            return sampler.sample(self.ref_var, labels, cfg=0.0, generator=self.generator).tokens
 
     def check_labels(self, labels: torch.Tensor) -> None:
         num_classes = self.var_wo_ddp.num_classes
@@ -133,9 +120,9 @@ class DDOTrainer:
         terms = autoregressive_ddo_terms(logp[:batch], ref_logp[:batch], logp[batch:], ref_logp[batch:], alpha, self.beta)
         return terms.loss.mean(), terms
 
-    def step(self, labels: torch.Tensor, real_tokens, iteration: int, micro: int = 0, stepping: bool = True) -> StepLog:
+    def step(self, labels: torch.Tensor, real_tokens, iteration: int, micro: int = 0, stepping: bool = True) -> dict:
         """One DDO update (or, with stepping=False, one accumulated micro-batch) from a real batch given as
-        labels [B] and token indices per scale.
+        labels [B] and token indices per scale; returns the batch means of what it logs.
 
         The reference samples and the dropout mask depend on (seed, rank, iteration, micro) only, so a
         resumed run draws what an uninterrupted one would have drawn.
@@ -152,17 +139,13 @@ class DDOTrainer:
         loss, terms = self.loss(labels, real_tokens, fake_tokens, dropped)
         grad_norm, _ = self.base.var_opt.backward_clip_step(stepping=stepping, loss=loss)
         sync()
-
-        kept = ~dropped
-        loss_real = -F.logsigmoid(self.beta * terms.delta_real)
-        return StepLog(
-            loss=loss.item(), loss_real=loss_real.mean().item(), loss_fake=(terms.loss.detach() - loss_real).mean().item(),
-            acc_real=(terms.delta_real > 0).float().mean().item(),
-            acc_fake=(terms.delta_fake[kept] < 0).float().mean().item() if bool(kept.any()) else float('nan'),
-            delta_real=terms.delta_real.mean().item(), delta_fake=terms.delta_fake.mean().item(),
-            kept_labels=kept.float().mean().item(),
-            grad_norm=float(grad_norm) if grad_norm is not None else float('nan'),
-            seconds_generate=generated - start, seconds_train=time.perf_counter() - generated)
+        log = {'Loss/loss': loss.item()}
+        log.update({name: values.mean().item() if values.numel() else float('nan')   # no kept label: no fake accuracy
+                    for name, values in terms.log_values(fake_counted=~dropped).items()})
+        log.update({'DDO/kept_labels': (~dropped).float().mean().item(),
+                    'Loss/grad_norm': float(grad_norm) if grad_norm is not None else float('nan'),
+                    TIMINGS[0]: generated - start, TIMINGS[1]: time.perf_counter() - generated})
+        return log
 
     def state_dict(self):
         """Upstream's trainer state (weights, optimiser, config) without the frozen, separately loaded VQVAE."""

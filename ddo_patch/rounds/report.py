@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from ddo_patch import manifest
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.rounds_launch import RUNNING
+from ddo_patch.rounds import manifest
+from ddo_patch.rounds.launch import RUNNING
 
 
 def load(workdir) -> dict:
@@ -26,7 +26,7 @@ def status_lines(workdir) -> list:
     cfg = m['config']
     points = len(cfg['alphas']) * len(cfg['betas'])
     lines = [f'{workdir}: {m["status"]}' + (f' ({m["stop_reason"]})' if m['stop_reason'] else '') +
-             f'; backend {cfg["backend"]}, {len(m["rounds"])} of at most {cfg["rounds"]} rounds started, '
+             f'; backend {m["backend"]}, {len(m["rounds"])} of at most {cfg["rounds"]} rounds started, '
              f'{points} sweep points per round']
     for r in m['rounds']:
         done = sum(run['status'] == 'done' for run in r['runs'])

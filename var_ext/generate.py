@@ -1,6 +1,6 @@
 """Class-balanced sampling from a VAR checkpoint: PNGs plus the .npz that OpenAI's evaluator reads.
 
-    torchrun --nproc_per_node=8 -m var_ext.sample --ckpt runs/d16-round1/var-ddo-best.pth --depth 16 \\
+    torchrun --nproc_per_node=8 -m var_ext.generate --net runs/d16-round1/var-ddo-best.pth --depth 16 \\
         --vae vae_ch160v4096z32.pth --per-class 50 --cfg 0 --outdir samples/d16-ddo-free
 
 Seed s (s = --seed-offset ... + num_classes * per_class - 1) is drawn with its own generator and class
@@ -23,18 +23,18 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from ddo_patch.distributed import run_entry_point
+from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
-from ddo_patch.metrics import balanced_labels
-from var_ext.evaluate import generate
-from var_ext.options import add_model_options, autocast, barrier, init_distributed, load_pretrained
+from ddo_patch.seeds import balanced_labels
+from var_ext.evaluator import generate_balanced
+from var_ext.options import add_model_options, autocast, init_distributed, load_pretrained
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog='python -m var_ext.sample', description=__doc__,
+    p = argparse.ArgumentParser(prog='python -m var_ext.generate', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(p)
+    add_model_options(p, '--net', 'VAR state dict to sample (e.g. var_d16.pth, or var-ddo-best.pth of a round)')
     g = p.add_argument_group('sampling')
     g.add_argument('--outdir', metavar='DIR', required=True, help='where the PNGs (images/) and the .npz go')
     g.add_argument('--per-class', metavar='INT', type=int, default=50, help='images per class (default: %(default)s, i.e. 50k for ImageNet)')
@@ -78,23 +78,23 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     rank, world_size, device = init_distributed()
-    cfg, _, var = load_pretrained(args, device)
-    seeds = list(range(args.seed_offset, args.seed_offset + args.per_class * cfg.num_classes))
+    model_cfg, _, var = load_pretrained(args, args.net, device)
+    seeds = list(range(args.seed_offset, args.seed_offset + args.per_class * model_cfg.num_classes))
     os.makedirs(os.path.join(args.outdir, 'images'), exist_ok=True)
     todo = [s for s in seeds[rank::world_size] if not os.path.isfile(png_path(args.outdir, s))]
     if rank == 0:
         done = sum(os.path.isfile(png_path(args.outdir, s)) for s in seeds)
-        print(f'[var_ext.sample] {len(seeds)} images, {done} already there; cfg={args.cfg:g} top_k={args.top_k} '
+        print(f'[var_ext.generate] {len(seeds)} images, {done} already there; cfg={args.cfg:g} top_k={args.top_k} '
               f'top_p={args.top_p:g}', flush=True)
     with tqdm(total=len(todo), disable=rank != 0, unit='img') as bar:
-        for chunk, _, images in generate(var, todo, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, batch=args.batch,
+        for chunk, _, images in generate_balanced(var, todo, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, batch=args.batch,
                                          amp_ctx=autocast(device, args.amp), progress=bar):
             for seed, image in zip(chunk, images):
                 write_png(png_path(args.outdir, seed), image)
-    barrier(world_size)
+    barrier()
     if rank == 0 and not args.no_npz:
-        print(f'[var_ext.sample] wrote {write_npz(args.outdir, seeds, cfg.num_classes)}', flush=True)
-    barrier(world_size)
+        print(f'[var_ext.generate] wrote {write_npz(args.outdir, seeds, model_cfg.num_classes)}', flush=True)
+    barrier()
 
 
 if __name__ == '__main__':

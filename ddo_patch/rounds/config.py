@@ -1,6 +1,6 @@
 """The round manager's run description: one TOML file, checked completely before anything runs.
 
-    backend = "edm2"                     # edm2 | var
+    backend = "edm2_ext.rounds_backend.RoundsBackend"   # or var_ext.rounds_backend.RoundsBackend
     rounds = 24                          # at most this many rounds
     pretrained = "edm2-img64-s.pkl"      # round 1's reference (a path, or a URL for edm2)
     data = "datasets/img64.zip"          # real data (edm2: --data; var: --data, or train.dataset)
@@ -14,7 +14,7 @@
     alpha = [0.5, 1, 2, 4, 6]
     beta = [0.01, 0.02, 0.05, 0.1]
 
-    [train]                              # more options of the backend's train entry (same names)
+    [train]                              # more options of the backend's train entry (its names)
     preset = "ddo-img64-s"
 
     [[override]]                         # train options from a round on (later entries win)
@@ -24,7 +24,9 @@
 
     [evaluate]  [reference_samples]  [stop]  [launcher]   (see docs/rounds.md)
 
-Relative paths are relative to the config file; `${VAR}` is taken from the environment.
+Relative paths are relative to the config file; `${VAR}` is taken from the environment. Which options
+[train], [evaluate] and [reference_samples] may hold, and what else a backend requires, the backend class
+says (`ddo_patch.rounds.backend`); this module checks the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import re
 import sys
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.rounds.backend import load_backend_class
 from ddo_patch.sizes import parse_nimg
 
 if sys.version_info >= (3, 11):
@@ -45,24 +48,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ('edm2', 'var')
 LAUNCHERS = ('local', 'slurm')
 # What may change between invocations on the same work directory (everything else would mix two runs).
 CHANGEABLE = ('rounds', 'stop', 'launcher')
 
-# Options of each backend's train entry that [train] and [[override]] may set (flag = '--' + name, _ -> -).
-TRAIN_OPTIONS = {
-    'edm2': ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu', 'workers',
-             'status', 'checkpoint', 'seed'),
-    'var': ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers', 'label_drop',
-            'global_batch', 'grad_accum', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd', 'grad_clip', 'amp', 'seed', 'log_every'),
-}
-EVALUATE_OPTIONS = {
-    'edm2': ('metric', 'reference', 'detector', 'seeds', 'batch', 'steps'),
-    'var': ('metric', 'samples', 'cfg', 'batch', 'best_by'),
-}
-REFERENCE_SAMPLE_OPTIONS = ('seeds', 'batch', 'steps')   # edm2_ext.generate
-FILE_OPTIONS = {'edm2': (), 'var': ('vae',)}             # train options naming a file that must exist
 
 _TEMPLATE_FIELD = re.compile(r'\{\{(\w+)\}\}')
 TEMPLATE_FIELDS = ('job_name', 'nodes', 'nproc_per_node', 'log', 'commands')
@@ -72,7 +61,7 @@ DEFAULT_TEMPLATE = '#!/bin/bash\n{{commands}}\n'
 @dataclasses.dataclass
 class RoundsConfig:
     source: str                  # the config file
-    backend: str
+    backend: str                 # the backend class, package.module.Class
     rounds: int
     pretrained: str
     data: str | None
@@ -102,6 +91,13 @@ class RoundsConfig:
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def make_backend(self):
+        return load_backend_class(self.backend)(self)
+
+    def error(self, message) -> DDOPatchError:
+        """A one-line error about this config file (for the backends' checks)."""
+        return DDOPatchError(f'{self.source}: {message}')
 
     def identity(self) -> dict:
         """The part of the configuration that must not change while a work directory is in progress."""
@@ -190,15 +186,16 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     base = os.path.dirname(os.path.abspath(path))
     _known(path, raw, 'top-level', ('backend', 'rounds', 'pretrained', 'data', 'pretraining_images', 'upstream_root', 'run',
                                     'sweep', 'train', 'override', 'evaluate', 'reference_samples', 'stop', 'launcher'))
-    backend = raw.get('backend')
-    if backend not in BACKENDS:
-        _fail(path, f'unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    try:
+        backend = load_backend_class(raw.get('backend'))
+    except DDOPatchError as err:
+        _fail(path, str(err))
     rounds = raw.get('rounds')
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         _fail(path, f'rounds must be an integer >= 1, got {rounds!r}')
-    for key in ('pretrained',) + (('data',) if backend == 'edm2' else ()):
+    for key in ('pretrained',) + backend.required:
         if key not in raw:
-            _fail(path, f'{key} is required for backend {backend}')
+            _fail(path, f'{key} is required for backend {backend.name}')
 
     run = raw.get('run', {})
     _known(path, run, 'run', ('duration', 'eval_every'))
@@ -214,7 +211,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     alphas, betas = _grid(path, sweep, 'alpha', 0, False), _grid(path, sweep, 'beta', 0, True)
 
     train = dict(raw.get('train', {}))
-    _known(path, train, f'{backend} train', TRAIN_OPTIONS[backend])
+    _known(path, train, f'{backend.name} train', backend.train_options)
     overrides = []
     for i, entry in enumerate(raw.get('override', [])):
         entry = dict(entry)
@@ -223,11 +220,11 @@ def parse(raw: dict, path: str) -> RoundsConfig:
             _fail(path, f'override #{i + 1} needs from_round, an integer in [1, rounds = {rounds}], got {first!r}')
         if not entry:
             _fail(path, f'override #{i + 1} (from_round = {first}) changes nothing')
-        _known(path, entry, f'{backend} override', TRAIN_OPTIONS[backend])
+        _known(path, entry, f'{backend.name} override', backend.train_options)
         overrides.append((first, entry))
     overrides.sort(key=lambda item: item[0])   # stable: entries for the same round keep file order
     for options in [train] + [values for _, values in overrides]:
-        for key in FILE_OPTIONS[backend]:
+        for key in backend.file_options:
             if key in options:
                 options[key] = _expand(path, options[key], base)
                 _check_file(path, f'train.{key}', options[key])
@@ -236,21 +233,18 @@ def parse(raw: dict, path: str) -> RoundsConfig:
                 _number(path, f'{key}', options[key], 0, open_min=True)
 
     evaluate = dict(raw.get('evaluate', {}))
-    _known(path, evaluate, f'{backend} evaluate', EVALUATE_OPTIONS[backend])
+    _known(path, evaluate, f'{backend.name} evaluate', backend.evaluate_options)
     if 'metric' not in evaluate:
         _fail(path, 'evaluate.metric is required (edm2: fid or fd_dinov2; var: MODULE:FUNCTION, lower is better)')
-    if backend == 'edm2':
-        if 'reference' not in evaluate:
-            _fail(path, 'evaluate.reference (reference statistics of the data, a .pkl path or URL) is required for edm2')
-        evaluate['reference'] = _expand(path, evaluate['reference'], base)
-        _check_file(path, 'evaluate.reference', evaluate['reference'])
-    elif ':' not in str(evaluate['metric']):
-        _fail(path, f'evaluate.metric must be MODULE:FUNCTION for var, got {evaluate["metric"]!r}')
+    for key in backend.evaluate_file_options:
+        if key in evaluate:
+            evaluate[key] = _expand(path, evaluate[key], base)
+            _check_file(path, f'evaluate.{key}', evaluate[key])
 
     reference_samples = dict(raw.get('reference_samples', {}))
-    if reference_samples and backend != 'edm2':
-        _fail(path, '[reference_samples] is for edm2 only (var samples its reference online)')
-    _known(path, reference_samples, 'reference_samples', REFERENCE_SAMPLE_OPTIONS)
+    if reference_samples and not backend.reference_sample_options:
+        _fail(path, f'[reference_samples] is for backends that sample offline ({backend.name} samples its reference online)')
+    _known(path, reference_samples, 'reference_samples', backend.reference_sample_options)
 
     stop = dict(raw.get('stop', {}))
     _known(path, stop, 'stop', ('min_improvement', 'patience'))
@@ -264,18 +258,18 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     data = _expand(path, raw['data'], base) if 'data' in raw else None
     if data is not None:
         _check_file(path, 'data', data)
-    if backend == 'var' and data is None and 'dataset' not in train:
-        _fail(path, 'var needs data (an ImageFolder root) or train.dataset (MODULE:FUNCTION)')
     images = raw.get('pretraining_images')
     if images is not None:
         images = _size(path, 'pretraining_images', images)
     upstream_root = _expand(path, raw['upstream_root'], base) if 'upstream_root' in raw else None
     if upstream_root is not None:
         _check_file(path, 'upstream_root', upstream_root)
-    return RoundsConfig(source=os.path.abspath(path), backend=backend, rounds=rounds, pretrained=pretrained, data=data,
-                        pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
-                        train=train, overrides=overrides, evaluate=evaluate, reference_samples=reference_samples,
-                        stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
+    cfg = RoundsConfig(source=os.path.abspath(path), backend=raw['backend'], rounds=rounds, pretrained=pretrained, data=data,
+                       pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
+                       train=train, overrides=overrides, evaluate=evaluate, reference_samples=reference_samples,
+                       stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
+    cfg.make_backend().validate()
+    return cfg
 
 
 def load(path) -> RoundsConfig:

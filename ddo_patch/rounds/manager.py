@@ -6,7 +6,7 @@ evaluate through the codebase's own entry points and launcher), the best snapsho
 then the stop rule. Everything is recorded in `<workdir>/manifest.json`, rewritten atomically after
 every step. A job's completion is read back from its status file, so after a SIGKILL the same command
 continues: finished jobs are kept, an unfinished one is run again and resumes inside (see
-`rounds_launch`). Paths inside the work directory are recorded relative to it, and every job runs in it.
+`ddo_patch.rounds.launch`). Paths inside the work directory are recorded relative to it, and every job runs in it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import fcntl
 import math
 import os
 
-from ddo_patch import manifest, rounds_config
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.rounds_backends import backend_for, point_name
-from ddo_patch.rounds_launch import Job, command_line, make_launcher, read_status
+from ddo_patch.rounds import config as rounds_config
+from ddo_patch.rounds import manifest
+from ddo_patch.rounds.backend import point_name
+from ddo_patch.rounds.launch import Job, command_line, make_launcher, read_status
 
 MANIFEST_VERSION = 1
 
@@ -40,7 +41,8 @@ def _lock(workdir):
 def _start_manifest(workdir, cfg, backend) -> dict:
     previous = manifest.load(workdir)
     if previous is None:
-        return dict(version=MANIFEST_VERSION, config=cfg.as_dict(), metric=backend.metric_label(), step_unit=backend.step_unit,
+        return dict(version=MANIFEST_VERSION, config=cfg.as_dict(), backend=backend.name, metric=backend.metric_label(),
+                    step_unit=backend.step_unit,
                     status='running', stop_reason=None, rounds=[])
     old = {k: v for k, v in previous['config'].items() if k not in rounds_config.CHANGEABLE + ('source',)}
     changed = sorted(k for k in set(old) | set(cfg.identity()) if old.get(k) != cfg.identity().get(k))
@@ -170,7 +172,7 @@ def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> 
     """Run or continue the rounds described by `config_path` in `workdir`; returns the manifest.
     `retry_failed`: run the failed sweep points of the unfinished round again (finished rounds stay as they are)."""
     cfg = rounds_config.load(config_path)
-    backend = backend_for(cfg)
+    backend = cfg.make_backend()
     os.makedirs(workdir, exist_ok=True)
     lock = _lock(workdir)  # noqa: F841 (held until we return)
     m = _start_manifest(workdir, cfg, backend)

@@ -1,9 +1,9 @@
-"""`python -m var_ext.sample`: class-balanced PNGs and the evaluator's .npz, resumable, seed-deterministic."""
+"""`python -m var_ext.generate`: class-balanced PNGs and the evaluator's .npz, resumable, seed-deterministic."""
 
 import numpy as np
 import pytest
 
-from var_ext import sample
+from var_ext import generate
 from var_tiny import one_cpu_thread, tiny_checkpoints  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 def run(var_root, tmp_path_factory, outdir, *extra):
     vae, ckpt = tiny_checkpoints(str(var_root), str(tmp_path_factory.getbasetemp()))
-    sample.main(['--ckpt', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
+    generate.main(['--net', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
                  '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--per-class', '2', '--batch', '8',
                  '--outdir', str(outdir), *extra])
     return np.load(outdir / 'samples_20x64x64x3.npz')

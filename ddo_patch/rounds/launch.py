@@ -21,19 +21,13 @@ import time
 
 import psutil
 
-from ddo_patch import manifest
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.rounds import manifest
+from ddo_patch.rounds.backend import Command
 
 # Set in the environment of local jobs, so that a rerun recognises (and stops) a killed manager's leftovers.
 OWNER_ENV = 'DDO_PATCH_ROUNDS_WORKDIR'
 RUNNING = '.running.json'
-
-
-@dataclasses.dataclass
-class Command:
-    module: str                 # python -m MODULE, under the launcher
-    args: list
-    done_if: str | None = None  # skip the command when this path exists (its output is complete)
 
 
 @dataclasses.dataclass
@@ -131,7 +125,7 @@ class LocalLauncher:
                 manifest.write_json(os.path.join(self.workdir, RUNNING), dict(job=job.name, pgid=proc.pid, log=job.file('log')))
                 try:
                     rc = proc.wait()
-                except BaseException:   # Ctrl-C or SIGTERM (see rounds_cli): the job runs in its own session, stop it too
+                except BaseException:   # Ctrl-C or SIGTERM (see ddo_patch.rounds.cli): the job runs in its own session, stop it too
                     os.killpg(proc.pid, signal.SIGKILL)
                     raise
             if read_status(self.workdir, job) is None:   # bash itself was killed before it could write it

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from ddo_patch import rounds as rounds_mod
-from ddo_patch import rounds_report
+from ddo_patch.rounds import manager
+from ddo_patch.rounds import report as rounds_report
 
 
 @click.group()
@@ -23,7 +23,7 @@ def run(config, workdir, no_wait, retry_failed):
     """Run the rounds described by CONFIG (TOML); the same command continues after an interruption."""
     # SIGTERM (kill, a scheduler) unwinds like Ctrl-C, so that a running local job is stopped with the manager.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    m = rounds_mod.run(config, workdir, wait=not no_wait, retry_failed=retry_failed)
+    m = manager.run(config, workdir, wait=not no_wait, retry_failed=retry_failed)
     click.echo('\n'.join(rounds_report.status_lines(workdir)) if m['rounds'] else f'{workdir}: nothing run yet')
 
 
@@ -40,14 +40,3 @@ def report(workdir):
     """Print the per-round table and write DIR/report.md and DIR/report.png (metric and cost per round)."""
     text, png = rounds_report.report(workdir)
     click.echo(text + f'\nplot: {png}')
-
-
-@rounds.command()
-@click.argument('directory', metavar='DIR')
-@click.option('--edm2-root', metavar='DIR', default=None, help='NVlabs/edm2 checkout.  [default: $EDM2_ROOT, else the cache]')
-def example(directory, edm2_root):
-    """Write a tiny EDM2 world into DIR (data, an MLE snapshot, statistics) for configs/tiny-cpu-edm2.toml."""
-    from ddo_patch.rounds_example import make_example
-    paths = make_example(directory, edm2_root)
-    click.echo(f'tiny EDM2 world in {directory}: pretrained {paths["pretrained"]}\n'
-               f'next: DDO_TINY={directory} ddo-patch rounds run configs/tiny-cpu-edm2.toml --workdir WORKDIR')

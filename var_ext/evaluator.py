@@ -1,6 +1,6 @@
 """Class-balanced image generation and the injectable metric used to pick the best DDO checkpoint.
 
-Seed s always gets class `s % num_classes` (`ddo_patch.metrics.balanced_labels`) and its own generator,
+Seed s always gets class `s % num_classes` (`ddo_patch.seeds.balanced_labels`) and its own generator,
 so an image depends on (weights, seed, cfg) only: the same evaluation set is drawn at every evaluation,
 whatever the number of GPUs or the batch size, which keeps successive scores comparable.
 
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from ddo_patch.metrics import balanced_labels
-from var_ext import sampling
-from var_ext.options import barrier
+from ddo_patch.distributed import barrier
+from ddo_patch.seeds import balanced_labels
+from var_ext import sampler
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -30,7 +30,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(var, seeds, cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, batch: int = 64,
+def generate_balanced(var, seeds, cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, batch: int = 64,
              amp_ctx=None, progress=None):
     """Yield (seeds, labels, uint8 NHWC images) for `seeds`, `batch` at a time."""
     device = next(var.parameters()).device
@@ -41,7 +41,7 @@ def generate(var, seeds, cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, b
             chunk = [int(s) for s in seeds[first:first + batch]]
             labels = torch.as_tensor(balanced_labels(chunk, var.num_classes), device=device)
             with amp_ctx or contextlib.nullcontext():
-                images = sampling.sample(var, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=chunk, decode=True).images
+                images = sampler.sample(var, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=chunk, decode=True).images
             if progress is not None:
                 progress.update(len(chunk))
             yield chunk, labels.cpu().numpy(), to_uint8(images)
@@ -50,25 +50,25 @@ def generate(var, seeds, cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, b
 
 
 class Evaluator:
-    """Scores a VAR with `metric` on `num_samples` class-balanced images at each cfg in `cfgs`."""
+    """Scores a VAR with `metric` on `num_samples` class-balanced images at each guidance scale in `scales`."""
 
-    def __init__(self, metric, num_samples: int, cfgs, workdir, batch: int = 64, rank: int = 0, world_size: int = 1):
-        self.metric, self.num_samples, self.cfgs = metric, num_samples, tuple(cfgs)
+    def __init__(self, metric, num_samples: int, scales, workdir, batch: int = 64, rank: int = 0, world_size: int = 1):
+        self.metric, self.num_samples, self.scales = metric, num_samples, tuple(scales)
         self.workdir, self.batch, self.rank, self.world_size = workdir, batch, rank, world_size
 
     def __call__(self, var, amp_ctx=None) -> dict:
         """{'cfg=0': score, 'cfg=1.5': score, ...}, identical on every rank."""
         scores = {}
-        for cfg in self.cfgs:
+        for cfg in self.scales:
             shard_dir = os.path.join(self.workdir, f'eval-cfg{cfg:g}')
             os.makedirs(shard_dir, exist_ok=True)
-            parts = list(generate(var, list(range(self.rank, self.num_samples, self.world_size)), cfg=cfg,
+            parts = list(generate_balanced(var, list(range(self.rank, self.num_samples, self.world_size)), cfg=cfg,
                                   batch=self.batch, amp_ctx=amp_ctx))
             np.savez(os.path.join(shard_dir, f'rank{self.rank}.npz'),
                      seeds=np.array([s for p in parts for s in p[0]], dtype=np.int64),
                      labels=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),
                      images=np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, 1, 1, 3), np.uint8))
-            barrier(self.world_size)
+            barrier()
             score = [None]
             if self.rank == 0:
                 shards = [np.load(os.path.join(shard_dir, f'rank{r}.npz')) for r in range(self.world_size)]

@@ -1,0 +1,97 @@
+"""What the round manager asks of a codebase, and how it finds the class that answers.
+
+The manager knows no codebase's flags or files. A config names its backend by class, the way EDM2 names
+its losses and networks (`backend = "edm2_ext.rounds_backend.RoundsBackend"`); the class lives in its
+adapter, subclasses `Backend`, and answers:
+
+- which options `[train]`, `[[override]]`, `[evaluate]` and `[reference_samples]` may hold, which of
+  them name files, and what else of the config it requires (`validate`);
+- the commands of a round's reference samples and of one sweep point (`reference_samples`,
+  `run_commands`), as `Command`s that the launcher runs through the codebase's native launcher;
+- what a finished run recorded: its evaluations and their scores (`collect`). The manager takes the
+  scores as the run wrote them; it computes none itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+
+from ddo_patch.errors import DDOPatchError
+
+
+@dataclasses.dataclass
+class Command:
+    module: str                 # python -m MODULE, under the launcher
+    args: list
+    done_if: str | None = None  # skip the command when this path exists (its output is complete)
+
+
+class Backend:
+    """The interface; see the module docstring. `cfg` is the validated `RoundsConfig`."""
+    name = 'backend'                   # a short name for messages (edm2, var)
+    step_unit = 'steps'                # what an evaluation's `step` counts (kimg, iterations)
+    required = ()                      # top-level keys this backend needs besides `pretrained`
+    train_options = ()                 # keys of [train] and [[override]]: the train entry's options
+    evaluate_options = ('metric',)     # keys of [evaluate]
+    reference_sample_options = ()      # keys of [reference_samples]; empty: the backend samples online
+    file_options = ()                  # [train] keys that name a file, resolved like paths of the config
+    evaluate_file_options = ()         # [evaluate] keys that name a file (or a URL)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def validate(self) -> None:
+        """Checks beyond the option names; raise `self.cfg.error(...)`."""
+
+    def metric_label(self) -> str:
+        return str(self.cfg.evaluate['metric'])
+
+    def reference_samples(self, round_dir, reference) -> tuple:
+        """(path of the round's reference samples, the `Command` that makes them), or (None, None)."""
+        return None, None
+
+    def run_commands(self, run_dir, reference, fake, alpha, beta, options) -> list:
+        raise NotImplementedError
+
+    def images_per_run(self, options) -> int:
+        raise NotImplementedError
+
+    def collect(self, run_dir) -> dict:
+        """{'evaluations': [{'step', 'snapshot', 'score'}], 'error': None or why the run has no result}."""
+        raise NotImplementedError
+
+
+def load_backend_class(name: str):
+    """The class a config's `backend` names, as `package.module.Class`."""
+    module_name, _, class_name = str(name).rpartition('.')
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise DDOPatchError(f'unknown backend {name!r}; name a backend class, e.g. edm2_ext.rounds_backend.RoundsBackend '
+                            f'or var_ext.rounds_backend.RoundsBackend')
+    return cls
+
+
+def option_args(options: dict, flags_as_named=()) -> list:
+    """['--name-with-dashes', 'value', ...]; names in `flags_as_named` keep their spelling (EDM2's --P_mean)."""
+    args = []
+    for name, value in options.items():
+        args += ['--' + (name if name in flags_as_named else name.replace('_', '-')), str(value)]
+    return args
+
+
+def json_lines(path) -> list:
+    """The rows of a JSON-lines log, [] when it does not exist yet."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def point_name(alpha, beta) -> str:
+    return f'a{alpha:g}_b{beta:g}'
