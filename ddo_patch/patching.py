@@ -33,7 +33,9 @@ from typing import Iterable, Optional
 from ddo_patch import upstream
 from ddo_patch.errors import DDOPatchError
 
-PATCH_DIR = Path(__file__).resolve().parents[1] / 'patches'
+# An installed wheel carries the patch files as package data (ddo_patch/patches/); a checkout has them at its top.
+_INSTALLED_PATCHES = Path(__file__).resolve().parent / 'patches'
+PATCH_DIR = _INSTALLED_PATCHES if _INSTALLED_PATCHES.is_dir() else Path(__file__).resolve().parents[1] / 'patches'
 
 APPLIED, APPLICABLE, CONFLICT = 'applied', 'would apply', 'conflict'
 

@@ -35,3 +35,19 @@ def balanced_labels(seeds, num_classes: int) -> np.ndarray:
     if num_classes < 1:
         raise DDOPatchError(f'num_classes must be >= 1, got {num_classes}')
     return np.asarray(seeds, dtype=np.int64) % num_classes
+
+
+def check_disjoint(named_seed_lists: dict) -> None:
+    """Raise naming the first two of {name: seeds} that share a seed (sampling noise must not be reused across roles)."""
+    names = list(named_seed_lists)
+    sets = {name: set(seeds) for name, seeds in named_seed_lists.items()}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sets[a] & sets[b]
+            if common:
+                raise DDOPatchError(f'{a} and {b} share seed {min(common)} ({len(common)} in all); give them disjoint ranges')
+
+
+def seed_range(first: int, count: int) -> str:
+    """count seeds from first, written as parse_seeds reads them."""
+    return f'{first}-{first + count - 1}'

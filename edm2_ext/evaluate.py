@@ -27,7 +27,7 @@ from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.metrics import frechet_distance
 from edm2_ext import options
-from edm2_ext.run_files import list_snapshots
+from edm2_ext.run_files import list_snapshots, snapshot_kimg
 
 UPSTREAM_DETECTORS = {'fid': 'calculate_metrics.InceptionV3Detector', 'fd_dinov2': 'calculate_metrics.DINOv2Detector'}
 
@@ -96,7 +96,7 @@ def _write_json(dest, report):
     write_atomic(dest, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
-def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, **sampler_kwargs) -> dict:
+def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, skip_initial=False, **sampler_kwargs) -> dict:
     """Evaluate every snapshot of `net`, writing `dest` after each one; snapshots already in `dest` with the
     same settings are not evaluated again (rerun while training goes on, or after an interruption)."""
     import dnnlib
@@ -113,6 +113,10 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
     if absent:
         raise DDOPatchError(f'--ref {ref} has no statistics for {", ".join(absent)} (it has {", ".join(ref_stats)})')
     snapshots = list_snapshots(net)
+    if skip_initial and os.path.isdir(net):
+        snapshots = [path for path in snapshots if snapshot_kimg(path) > 0]
+        if not snapshots:
+            raise DDOPatchError(f'{net} has no snapshot after kimg 0 to evaluate; did its training run?')
     settings = dict(ref=ref, metrics=list(metrics), detectors=detector_names, sampler=sampler_kwargs,
                     seeds=f'{len(seeds)} seeds {seeds[0]}..{seeds[-1]}')
     previous = _previous_results(dest, settings)
@@ -143,8 +147,9 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
 @click.option('--seeds', metavar='LIST', type=options.SEEDS, default='0-49999', help='Sampling seeds; class of seed s = s % classes.')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Samples per process per sampler call.')
 @click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=32, help='EDM sampler steps.')
+@click.option('--skip-initial', is_flag=True, help='In a run directory, skip the kimg-0 snapshot (its starting point, evaluated elsewhere).')
 @options.edm2_root
-def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, edm2_root):
+def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, skip_initial, edm2_root):
     """Class-balanced FID of a snapshot or of every snapshot of a run; writes all results and the best one."""
     upstream.activate('edm2', edm2_root)
     from torch_utils import distributed as dist
@@ -152,7 +157,7 @@ def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps
     device = device_for_this_rank()
     init_distributed(device)
     report = evaluate(net, ref, dest, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds,
-                      batch, device, num_steps=num_steps)
+                      batch, device, skip_initial=skip_initial, num_steps=num_steps)
     dist.print0(f'best: {report["best"]["snapshot"]} -> {dest}')
 
 

@@ -16,8 +16,13 @@ from torch_utils import training_stats
 from training.training_loop import EDM2Loss
 
 
+def _in_fp32(net):
+    """EDM2's Precond called in fp32 whatever its `use_fp16` (DDO trains in fp32; the flag is kept for sampling)."""
+    return lambda x, sigma, labels: net(x, sigma, labels, force_fp32=True)
+
+
 class _KeepLogvar:
-    """Calls EDM2's Precond with `return_logvar=True` and keeps the log-variance for the caller.
+    """Calls EDM2's Precond in fp32 with `return_logvar=True` and keeps the log-variance for the caller.
 
     The uncertainty head (EDM2 Eq. 21) has no part in DDO's objective, but DDP insists that every
     parameter take part in each forward/backward (it raises on the second step otherwise). Adding
@@ -29,7 +34,7 @@ class _KeepLogvar:
         self.logvar = None
 
     def __call__(self, x, sigma, labels):
-        denoised, self.logvar = self.net(x, sigma, labels, return_logvar=True)
+        denoised, self.logvar = self.net(x, sigma, labels, force_fp32=True, return_logvar=True)
         return denoised
 
 
@@ -70,7 +75,7 @@ class DDOLoss:
         if labels is None or labels.shape[-1] == 0:
             labels = fake_labels = None
         trained = _KeepLogvar(net)
-        terms = self.ddo.terms(trained, self.reference_net(images.device), images, fake_images, labels, fake_labels)
+        terms = self.ddo.terms(trained, _in_fp32(self.reference_net(images.device)), images, fake_images, labels, fake_labels)
         for name, values in terms.log_values().items():
             training_stats.report(name, values)
         return terms.loss + 0 * trained.logvar.flatten()[:images.shape[0]]

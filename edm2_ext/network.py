@@ -32,14 +32,15 @@ def load_snapshot(path: str) -> dict:
 
 
 def fp32_without_dropout(net: torch.nn.Module) -> torch.nn.Module:
-    """A float32 copy with mixed precision and dropout off, as DDO trains (appendix C).
+    """A float32 copy with dropout off, as DDO trains (appendix C); call it with `force_fp32=True`.
 
     Official snapshots store the EMA network in fp16; the copy is the fp16-rounded model upcast, so the
-    trained and the reference network start out identical.
+    trained and the reference network start out identical. Its `use_fp16` stays the snapshot's: it is how
+    upstream samples a snapshot (fp16 on a GPU), and the snapshots DDO writes (copies of this network)
+    must sample as the official ones do, in the next round's reference samples, every FID evaluation and
+    the user's `generate_images.py`. Training passes `force_fp32=True` instead (`edm2_ext.loss`).
     """
     net = copy.deepcopy(net).to(torch.float32)
-    if hasattr(net, 'use_fp16'):
-        net.use_fp16 = False
     for module in net.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

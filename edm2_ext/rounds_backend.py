@@ -1,8 +1,11 @@
 """The round manager's EDM2 backend (`backend = "edm2_ext.rounds_backend.RoundsBackend"`).
 
-Per round: the reference samples once with `edm2_ext.generate`; per sweep point `edm2_ext.train`
-(a snapshot every run.eval_every images) then `edm2_ext.evaluate` (every snapshot, into `eval.json`).
-Steps are kimg, as in upstream's snapshot names; the chosen snapshot is a `network-snapshot-*.pkl`.
+Per round: the reference samples once with `edm2_ext.generate`, from the round's own seeds
+(`[reference_samples] count` seeds from `first_seed + (round - 1) * count`, disjoint from the evaluation
+seeds); per sweep point `edm2_ext.train --round N` (the preset's schedule for round N; a snapshot every
+run.eval_every images) then `edm2_ext.evaluate --skip-initial` (every snapshot but the kimg-0 one, into
+`eval.json`: the reference itself is evaluated once per round by the manager). Steps are kimg, as in
+upstream's snapshot names; the chosen snapshot is a `network-snapshot-*.pkl`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import json
 import math
 import os
 
-from ddo_patch.rounds.backend import Backend, Command, json_lines, option_args
+from ddo_patch.errors import DDOPatchError
+from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, option_args
+from ddo_patch.seeds import check_disjoint, parse_seeds, seed_range
 from edm2_ext import run_files
 
 FLAGS_AS_NAMED = ('P_mean', 'P_std')   # EDM2's own spelling; every other option is --name-with-dashes
@@ -27,8 +32,8 @@ class RoundsBackend(Backend):
     required = ('data',)
     train_options = ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu',
                      'workers', 'status', 'checkpoint', 'seed')
-    evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'batch', 'steps')
-    reference_sample_options = ('seeds', 'batch', 'steps')
+    evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'report_seeds', 'batch', 'steps')
+    reference_sample_options = ('count', 'first_seed', 'batch', 'steps')
     evaluate_file_options = ('reference',)
 
     def validate(self):
@@ -43,28 +48,59 @@ class RoundsBackend(Backend):
         if any(str(options.get('checkpoint', 1)) in ('0', '0Ki', '0Mi') for options in
                [cfg.train] + [values for _, values in cfg.overrides]):
             raise cfg.error('train.checkpoint must not be 0: the manager resumes runs from their checkpoints')
+        count, first = self._reference_seed_plan()
+        if not (isinstance(count, int) and count >= 2 and isinstance(first, int) and first >= 0):
+            raise cfg.error(f'reference_samples.count must be an integer >= 2 and first_seed one >= 0, got {count!r}, {first!r}')
+        try:
+            roles = {'evaluate.seeds': parse_seeds(self.evaluation_seeds('select')),
+                     f'the reference samples of rounds 1-{cfg.rounds}': range(first, first + cfg.rounds * count)}
+            if self.reports():
+                roles['evaluate.report_seeds'] = parse_seeds(self.evaluation_seeds('report'))
+            check_disjoint(roles)
+        except DDOPatchError as err:
+            raise cfg.error(str(err)) from None
+
+    def _reference_seed_plan(self) -> tuple:
+        """(samples per round, the first seed of round 1): round r samples seeds first + (r - 1) * count onwards."""
+        return self.cfg.reference_samples.get('count', 50000), self.cfg.reference_samples.get('first_seed', 1_000_000)
 
     def _root(self):
         return ['--edm2-root', self.cfg.upstream_root] if self.cfg.upstream_root else []
 
-    def reference_samples(self, round_dir, reference) -> tuple:
+    def reference_samples(self, round_idx, round_dir, reference) -> ReferenceSamples:
+        count, first = self._reference_seed_plan()
+        seeds = seed_range(first + (round_idx - 1) * count, count)
         fake = f'{round_dir}/reference-samples.zip'
-        options = {'seeds': '0-49999', **self.cfg.reference_samples}
-        return fake, Command('edm2_ext.generate', ['--net', reference, '--outdir', fake] + _args(options) + self._root())
+        options = {'seeds': seeds, **{k: v for k, v in self.cfg.reference_samples.items() if k in ('batch', 'steps')}}
+        return ReferenceSamples(fake, seeds, Command('edm2_ext.generate', ['--net', reference, '--outdir', fake] + _args(options) + self._root()))
 
-    def run_commands(self, run_dir, reference, fake, alpha, beta, options) -> list:
+    def evaluation_seeds(self, purpose) -> str:
+        return str(self.cfg.evaluate['report_seeds'] if purpose == 'report' else self.cfg.evaluate.get('seeds', '0-49999'))
+
+    def _evaluate_args(self, net, dest, seeds) -> list:
+        evaluate = self.cfg.evaluate
+        args = ['--net', net, '--ref', evaluate['reference'], '--dest', dest, '--metrics', evaluate['metric'], '--seeds', seeds]
+        args += _args({k: v for k, v in evaluate.items() if k in ('batch', 'steps')})
+        if 'detector' in evaluate:
+            args += ['--detector', f'{evaluate["metric"]}={evaluate["detector"]}']
+        return args + self._root()
+
+    def evaluation(self, snapshot, dest, purpose, options) -> Command:
+        return Command('edm2_ext.evaluate', self._evaluate_args(snapshot, dest, self.evaluation_seeds(purpose)))
+
+    def read_evaluation(self, path) -> float:
+        with open(path) as f:
+            return json.load(f)['results'][0][self.cfg.evaluate['metric']]
+
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
         cfg = self.cfg
         train = ['--outdir', run_dir, '--data', cfg.data, '--ref', reference, '--fake', fake, '--ddo-alpha', str(alpha),
-                 '--ddo-beta', str(beta), '--duration', str(cfg.duration), '--snapshot', str(cfg.eval_every)]
-        evaluate = {k: v for k, v in cfg.evaluate.items() if k in ('seeds', 'batch', 'steps')}
-        evaluate_args = ['--net', run_dir, '--ref', cfg.evaluate['reference'], '--dest', f'{run_dir}/{run_files.EVALUATION}',
-                         '--metrics', cfg.evaluate['metric']] + _args(evaluate)
-        if 'detector' in cfg.evaluate:
-            evaluate_args += ['--detector', f'{cfg.evaluate["metric"]}={cfg.evaluate["detector"]}']
+                 '--ddo-beta', str(beta), '--round', str(round_idx), '--duration', str(cfg.duration), '--snapshot', str(cfg.eval_every)]
+        evaluate = self._evaluate_args(run_dir, f'{run_dir}/{run_files.EVALUATION}', self.evaluation_seeds('select'))
         # Upstream refuses to resume a finished run, so a rerun skips training once its last state exists.
         final_state = f'{run_dir}/{run_files.training_state(cfg.duration // 1000)}'
         return [Command('edm2_ext.train', train + _args(options) + self._root(), done_if=final_state),
-                Command('edm2_ext.evaluate', evaluate_args + self._root())]
+                Command('edm2_ext.evaluate', evaluate + ['--skip-initial'])]
 
     def images_per_run(self, options) -> int:
         return self.cfg.duration

@@ -151,16 +151,20 @@ def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp
         os.environ.update(MASTER_ADDR='localhost', MASTER_PORT='29517', RANK='0', WORLD_SIZE='1')
         torch.distributed.init_process_group('gloo')
         import generate_images
-        for _ in generate_images.generate_images(net=sys.argv[2], outdir=sys.argv[3], seeds=[0, 1], num_steps=2,
+        for _ in generate_images.generate_images(net=sys.argv[2], outdir=sys.argv[4], seeds=[0, 1], num_steps=2,
                                                  device=torch.device('cpu'), verbose=False):
             pass
-        with open(sys.argv[2], 'rb') as f:
-            print(type(pickle.load(f)['loss_fn']).__name__)
+        for path in sys.argv[2:4]:
+            with open(path, 'rb') as f:
+                data = pickle.load(f)
+            print(type(data['loss_fn']).__name__, data['ema'].use_fp16, data['ema'].unet.enc['8x8_conv'].weight.dtype)
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('edm2_ext', 'ddo_patch')))
     ''')
     snapshot = os.path.join(pipeline['ddo'], 'network-snapshot-0000002-0.050.pkl')
-    out = run(['-c', script, str(edm2_root), snapshot, str(tmp_path / 'png')], edm2_root, tmp_path).stdout.split('\n')
-    assert out[:2] == ['EDM2Loss', '[]']  # an ordinary EDM2 snapshot, loaded without this package
+    out = run(['-c', script, str(edm2_root), snapshot, pipeline['ref'], str(tmp_path / 'png')], edm2_root, tmp_path).stdout.split('\n')
+    # An ordinary EDM2 snapshot, loaded without this package, that samples like the reference it came from
+    # (fp16 weights and use_fp16 as upstream writes them: fp16 sampling on a GPU), although DDO trained in fp32.
+    assert out[:3] == ['EDM2Loss True torch.float16', 'EDM2Loss True torch.float16', '[]']
     assert sorted(os.listdir(tmp_path / 'png')) == ['000000.png', '000001.png']
 
 

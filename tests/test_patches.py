@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import site
 import subprocess
 import sys
 import warnings
@@ -72,6 +73,40 @@ def test_apply_twice_then_revert_restores_the_tree_byte_for_byte(upstream_root, 
         assert tree(repo) == patched  # applying twice is a no-op
 
         assert states(patching.revert(repo)) == {n: patching.APPLIED for n in names}
+    assert tree(repo) == original
+
+
+def test_an_installed_wheel_carries_the_patches_and_applies_them(edm2_root, tmp_path):
+    """`pip install ddo-patch` (not editable): the wheel ships patches/ as ddo_patch/patches/, so `ddo-patch apply`
+    and `revert` work from the installed package alone (run outside the repository, in a fresh venv)."""
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wheels = tmp_path / 'wheels'
+    build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation',
+                            '--wheel-dir', str(wheels), project], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    python = str(venv / 'bin' / 'python')
+    # The test environment's packages (click, psutil, ...) as a plain path after the venv's own: its .pth files, the
+    # editable install of this checkout among them, are not processed there, so ddo_patch comes from the wheel.
+    own = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    with open(os.path.join(own, 'test-environment.pth'), 'w') as f:
+        f.write('\n'.join(site.getsitepackages()) + '\n')
+    install = subprocess.run([sys.executable, '-m', 'pip', '--python', python, 'install', '--quiet', '--no-deps',
+                              *map(str, wheels.glob('ddo_patch-*.whl'))], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-2000:]
+    where = subprocess.run([python, '-c', 'from ddo_patch import patching; print(patching.PATCH_DIR)'], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(venv)) and where.endswith(os.path.join('ddo_patch', 'patches')), where
+    repo = fresh_copy(edm2_root, tmp_path / 'repo', keep_git=False)
+    original = tree(repo)
+    for command in ('apply', 'revert'):
+        proc = subprocess.run([python, '-m', 'ddo_patch.cli', command, '--repo', str(repo)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if command == 'apply':
+            assert 'balanced' in (repo / 'generate_images.py').read_text() and tree(repo) != original
     assert tree(repo) == original
 
 
@@ -231,6 +266,18 @@ def test_train_edm2_runs_ddo(patched_edm2):
     assert len(trained) == 1024 // 64
     assert trained[0]['Loss/loss'] == pytest.approx((1 + ALPHA) * math.log(2), abs=1e-4)  # theta = theta_ref at step 1
     assert all(math.isfinite(row['DDO/delta_fake']) for row in trained)
+
+
+def test_train_edm2_ddo_round_picks_the_presets_schedule(patched_edm2):
+    """--ddo-round N is edm2_ext.train's --round N: round 17 of ddo-img64-s trains with P_std 3.0 and lr 2e-5."""
+    p = patched_edm2
+    base = [str(p['repo'] / 'train_edm2.py'), '--outdir', str(p['root'] / 'dry'), '--data', p['data'], '--preset',
+            'ddo-img64-s', '--ddo-ref', p['ref'], '--ddo-fake', p['data'], '--dry-run']
+    for extra, (P_std, lr) in (([], (1.6, 5e-5)), (['--ddo-round', '17'], (3.0, 2e-5))):
+        out = run(base + extra, p['repo'], p['root']).stdout
+        options = json.loads(out[out.index('{'):out.rindex('}') + 1])
+        assert (options['loss_kwargs']['P_std'], options['lr_kwargs']['ref_lr']) == (P_std, lr)
+    assert not os.path.exists(p['root'] / 'dry')
 
 
 @pytest.mark.parametrize('change, message', [

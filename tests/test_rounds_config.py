@@ -15,7 +15,8 @@ from ddo_patch.rounds import config as rounds_config
 from ddo_patch.rounds import launch as rounds_launch
 from ddo_patch.rounds import manifest
 from ddo_patch.cli import main
-from ddo_patch.rounds.manager import _stop_reason
+from ddo_patch.rounds.manager import _stalled, _stop_reason
+from edm2_ext.presets import resolve
 from rounds_helpers import cli_runner, install_fake_slurm, read_manifest, write_config
 
 EDM2 = 'edm2_ext.rounds_backend.RoundsBackend'
@@ -57,6 +58,9 @@ def edm2_config(files, **changes):
     (dict(launcher__kind='kubernetes'), 'unknown launcher.kind'),
     (dict(launcher__kind='slurm', launcher__template='#!/bin/bash\n'), 'must contain {{commands}}'),
     (dict(data='${NO_SUCH_VARIABLE_HERE}/x.zip'), '${NO_SUCH_VARIABLE_HERE}, which is not set'),
+    (dict(reference_samples__first_seed=49000), 'evaluate.seeds and the reference samples of rounds 1-2 share seed 49000'),
+    (dict(evaluate__report_seeds='49990-50009'), 'evaluate.seeds and evaluate.report_seeds share seed 49990 (10 in all)'),
+    (dict(reference_samples__seeds='0-63'), 'unknown reference_samples option seeds; known: count, first_seed, batch, steps'),
 ])
 def test_invalid_config_is_one_line_and_runs_nothing(files, changes, message):
     config = edm2_config(files, **changes)
@@ -87,12 +91,20 @@ def test_paper_configs_encode_appendix_c(tmp_path, monkeypatch):
     monkeypatch.setenv('CHECKPOINTS', str(tmp_path))
     img64 = rounds_config.load(os.path.join(CONFIGS, 'edm2-img64-s.toml'))
     assert img64.rounds == 24 and img64.duration == 6400 << 10 and img64.eval_every == 1 << 17
-    assert [(img64.round_options(r)['P_std'], img64.round_options(r)['lr']) for r in (16, 17)] == [(1.6, 5e-5), (3.0, 2e-5)]
     assert min(img64.alphas) == 0.5 and max(img64.alphas) == 6 and min(img64.betas) == 0.01 and max(img64.betas) == 0.1
     img512 = rounds_config.load(os.path.join(CONFIGS, 'edm2-img512-l.toml'))
     assert img512.rounds == 28 and img512.eval_every == 1 << 18
-    assert [img512.round_options(r)['P_std'] for r in (17, 18, 22)] == [1.6, 2.0, 3.0]
-    assert [img512.round_options(r)['lr'] for r in (24, 25)] == [1e-4, 5e-5]
+    # One schedule: the configs name the preset and set none of its per-round values; the manager passes --round,
+    # so appendix C's changes (edm2_ext.presets) reach every round's command line.
+    for cfg, changes in ((img64, {16: (1.6, 5e-5), 17: (3.0, 2e-5)}),
+                         (img512, {17: (1.6, 1e-4), 18: (2.0, 1e-4), 22: (3.0, 1e-4), 25: (3.0, 5e-5)})):
+        assert not cfg.overrides and not {'lr', 'P_std', 'P_mean'} & set(cfg.train)
+        backend = cfg.make_backend()
+        for round_idx, values in changes.items():
+            train = backend.run_commands(round_idx, 'r', 'ref.pkl', 'fake.zip', 1, 0.05, cfg.round_options(round_idx))[0].args
+            assert train[train.index('--round') + 1] == str(round_idx) and '--lr' not in train and '--P_std' not in train
+            hp = resolve(cfg.train['preset'], round_idx)
+            assert (hp['P_std'], hp['lr']) == values
     for name, depth in (('var-d16.toml', 16), ('var-d30.toml', 30)):
         var = rounds_config.load(os.path.join(CONFIGS, name))
         assert var.rounds == 2 and var.duration == 80 and var.eval_every == 4 and var.betas == [0.02]
@@ -100,11 +112,15 @@ def test_paper_configs_encode_appendix_c(tmp_path, monkeypatch):
         assert min(var.alphas) >= 10 and max(var.alphas) <= 100
 
 
-def test_stop_rule_counts_consecutive_small_improvements(files):
+def test_stop_rule_counts_consecutive_stalled_rounds(files):
     cfg = rounds_config.load(edm2_config(files, stop__min_improvement=0.1, stop__patience=2))
-    rounds = [dict(improvement=v) for v in (1.0, 0.05, 0.5, 0.05)]
+    # A round stalls when it keeps its reference, or improves by no more than min_improvement (<=, not <).
+    stalled = [_stalled(cfg, dict(chosen=dict(run=run), improvement=v))
+               for run, v in (('a1_b0.05', 1.0), ('a1_b0.05', 0.1), ('a2_b0.05', 0.5), ('reference', 0.0))]
+    assert stalled == [False, True, False, True]
+    rounds = [dict(stalled=v) for v in stalled]
     assert _stop_reason(cfg, rounds) is None
-    assert 'for 2 round(s)' in _stop_reason(cfg, rounds + [dict(improvement=-0.3)])
+    assert 'no improvement above 0.1 for 2 round(s)' in _stop_reason(cfg, rounds + [dict(stalled=True)])
 
 
 SLURM_TEMPLATE = '''#!/bin/bash
@@ -117,15 +133,22 @@ SLURM_TEMPLATE = '''#!/bin/bash
 
 
 def _finish_run(workdir, run_dir, scores, exit_status=0):
-    """What a finished EDM2 sweep-point job leaves behind: snapshots, eval.json, and its status file."""
+    """What a finished EDM2 sweep-point job leaves behind: snapshots, eval.json (kimg 1, 2, ...: the starting point
+    is the reference, which the manager evaluates once per round), and its status file."""
     os.makedirs(workdir / run_dir)
     results = []
-    for kimg, score in enumerate(scores):
+    for kimg, score in enumerate(scores, start=1):
         name = f'network-snapshot-{kimg:07d}-0.050.pkl'
         (workdir / run_dir / name).write_bytes(f'{run_dir} {kimg}'.encode())
         results.append({'snapshot': name, 'fid': score})
     (workdir / run_dir / 'eval.json').write_text(json.dumps({'results': results}))
     (workdir / f'{run_dir}.status').write_text(json.dumps({'exit_status': exit_status, 'wall_seconds': 5}))
+
+
+def _finish_evaluation(workdir, name, score):
+    """What a finished evaluation job of one snapshot leaves behind (edm2_ext.evaluate --dest)."""
+    (workdir / f'{name}.json').write_text(json.dumps({'results': [{'snapshot': 'x.pkl', 'fid': score}]}))
+    (workdir / f'{name}.status').write_text(json.dumps({'exit_status': 0, 'wall_seconds': 5}))
 
 
 def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, monkeypatch):
@@ -137,31 +160,35 @@ def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, mo
     cli = ['rounds', 'run', config, '--workdir', str(workdir), '--no-wait']
     submitted = lambda: (state / 'submitted').read_text().splitlines()  # noqa: E731
 
-    assert cli_runner().invoke(main, cli).exit_code == 0   # submits the reference samples, returns
-    assert len(submitted()) == 1
+    assert cli_runner().invoke(main, cli).exit_code == 0   # submits the reference samples and evaluation, returns
+    assert [line.split()[1] for line in submitted()] == [str(workdir / 'round01' / f'{name}.sh')
+                                                         for name in ('reference-samples', 'reference-evaluation')]
     script = (workdir / 'round01' / 'reference-samples.sh').read_text()
     assert '#SBATCH --job-name=round01-reference-samples\n#SBATCH --nodes=2\n#SBATCH --gpus-per-node=8' in script
     assert f'#SBATCH --output={workdir}/round01/reference-samples.log' in script
     assert 'export NCCL_DEBUG=WARN' in script and 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     assert ('srun --ntasks-per-node=1' in script and '-m torch.distributed.run --nnodes=2 --nproc_per_node=8 '
             '--rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:29500" -m edm2_ext.generate' in script)
+    reference_evaluation = (workdir / 'round01' / 'reference-evaluation.sh').read_text()
+    assert f'-m edm2_ext.evaluate --net {files / "ref.pkl"} --ref {files / "stats.pkl"}' in reference_evaluation
     assert cli_runner().invoke(main, cli).exit_code == 0   # still queued: nothing submitted again
-    assert len(submitted()) == 1
+    assert len(submitted()) == 2
 
     (workdir / 'round01' / 'reference-samples.status').write_text('{"exit_status": 0, "wall_seconds": 60}')
-    assert cli_runner().invoke(main, cli).exit_code == 0   # samples done: one job per sweep point
-    assert [line.split()[1] for line in submitted()[1:]] == [str(workdir / 'round01' / f'a{a}_b0.05.sh') for a in (1, 2, 3)]
+    _finish_evaluation(workdir, 'round01/reference-evaluation', 9.0)
+    assert cli_runner().invoke(main, cli).exit_code == 0   # samples and reference score there: one job per sweep point
+    assert [line.split()[1] for line in submitted()[2:]] == [str(workdir / 'round01' / f'a{a}_b0.05.sh') for a in (1, 2, 3)]
     train = (workdir / 'round01' / 'a2_b0.05.sh').read_text()
     assert "[ ! -e round01/a2_b0.05/training-state-0000002.pt ]; then" in train
-    assert '-m edm2_ext.train --outdir round01/a2_b0.05' in train and '--ddo-alpha 2 --ddo-beta 0.05' in train
-    assert '-m edm2_ext.evaluate --net round01/a2_b0.05' in train
+    assert '-m edm2_ext.train --outdir round01/a2_b0.05' in train and '--ddo-alpha 2 --ddo-beta 0.05 --round 1' in train
+    assert '-m edm2_ext.evaluate --net round01/a2_b0.05' in train and train.rstrip().count('--skip-initial') == 1
 
     (state / 'queued').write_text('')   # every job left the queue; only two wrote a status
-    _finish_run(workdir, 'round01/a1_b0.05', [9.0, 7.0, 8.0])
-    _finish_run(workdir, 'round01/a3_b0.05', [9.0, 7.0, 7.0], exit_status=1)
+    _finish_run(workdir, 'round01/a1_b0.05', [7.0, 8.0])
+    _finish_run(workdir, 'round01/a3_b0.05', [7.0, 7.0], exit_status=1)
     assert cli_runner().invoke(main, cli).exit_code == 0
-    assert submitted()[-1].split()[1].endswith('a2_b0.05.sh') and len(submitted()) == 5   # the lost one, again
-    _finish_run(workdir, 'round01/a2_b0.05', [9.0, 7.0, 6.5])
+    assert submitted()[-1].split()[1].endswith('a2_b0.05.sh') and len(submitted()) == 6   # the lost one, again
+    _finish_run(workdir, 'round01/a2_b0.05', [7.0, 6.5])
     result = cli_runner().invoke(main, cli[:-1])          # waits (polls) until everything is read back
     assert result.exit_code == 0, result.output
     m = read_manifest(workdir)
@@ -174,6 +201,8 @@ def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, mo
     snapshot = workdir / chosen['snapshot']
     assert chosen['sha256'] == hashlib.sha256(snapshot.read_bytes()).hexdigest()
     assert m['rounds'][0]['reference_score'] == 9.0 and m['rounds'][0]['improvement'] == pytest.approx(2.5)
+    assert m['rounds'][0]['reference_evaluation']['source'] == 'evaluated' and m['rounds'][0]['stalled'] is False
+    assert m['rounds'][0]['reference_samples']['seeds'] == '1000000-1049999'   # round 1's own seeds, none of 0-49999
 
 
 def test_a_work_directory_refuses_a_changed_config_but_not_more_rounds(files, tmp_path, monkeypatch):
@@ -232,3 +261,44 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE   # killed, not yet reaped by init: gone
     except psutil.NoSuchProcess:
         return False
+
+
+def scripted_config(tmp_path, law, **top):
+    """A local-launcher config on tests/scripted_backend.py: a pretrained "snapshot" of score 10, two sweep points."""
+    (tmp_path / 'pretrained.json').write_text('{"score": 10.0}')
+    tests = os.path.dirname(os.path.abspath(__file__))
+    return write_config(tmp_path / 'scripted.toml', dict(backend='scripted_backend.ScriptedBackend', pretrained='pretrained.json', **top),
+                        dict(run=dict(duration=4, eval_every=2), sweep=dict(alpha=[1, 2], beta=[0.1]), train=dict(law=law),
+                             evaluate=dict(metric='score'), launcher=dict(kind='local', env={'PYTHONPATH': tests})))
+
+
+def test_a_run_in_which_nothing_improves_stops_after_patience_rounds(tmp_path):
+    """Every sweep point is worse than its reference: each round keeps it (its score is shared, not re-measured),
+    counts as stalled, and the manager stops after stop.patience rounds instead of running all of them."""
+    config = scripted_config(tmp_path, 'never', rounds=6)
+    with open(config, 'a') as f:
+        f.write('[stop]\nmin_improvement = 0.0\npatience = 2\n')
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    m = read_manifest(workdir)
+    assert m['status'] == 'stopped' and 'no improvement above 0 for 2 round(s) in a row' in m['stop_reason']
+    assert len(m['rounds']) == 2
+    for r in m['rounds']:
+        assert r['chosen']['run'] == 'reference' and r['chosen']['score'] == 10.0 and r['stalled'] is True
+        assert r['reference']['path'] == str(tmp_path / 'pretrained.json')
+        assert [e['step'] for run in r['runs'] for e in run['evaluations']] == [2, 4, 2, 4]   # no step-0 evaluation
+    assert m['rounds'][0]['reference_evaluation']['source'] == 'evaluated'
+    assert m['rounds'][1]['reference_evaluation'] == dict(score=10.0, source='round 1')   # evaluated once, shared
+    assert not (workdir / 'round02' / 'reference-evaluation.json').exists()
+
+
+def test_the_best_sweep_point_is_promoted_when_it_beats_the_reference(tmp_path):
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', scripted_config(tmp_path, 'alpha_helps', rounds=2), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    first, second = read_manifest(workdir)['rounds']
+    assert (first['chosen']['run'], first['chosen']['step'], first['chosen']['score']) == ('a2_b0.1', 4, pytest.approx(9.2))
+    assert second['reference']['path'] == first['chosen']['snapshot'] and second['reference']['promoted_from'] == 'a2_b0.1'
+    assert second['reference_score'] == first['chosen']['score'] and second['chosen']['score'] == pytest.approx(8.4)
+    assert first['improvement'] == pytest.approx(0.8) and not first['stalled']

@@ -4,7 +4,6 @@ mid-evaluation that ends with the same manifest, a sweep point with a NaN loss, 
 The manager runs as a subprocess, exactly as users run it."""
 
 import hashlib
-import json
 import os
 import pickle
 import subprocess
@@ -68,23 +67,29 @@ def test_two_rounds_two_points_promote_the_best_snapshot(uninterrupted):
         assert r['status'] == 'done' and [run['name'] for run in r['runs']] == ['a1_b0.05', 'a4_b0.05']
         for run in r['runs']:
             assert run['status'] == 'done' and run['exit_status'] == 0 and run['images'] == 1024
-            assert [e['step'] for e in run['evaluations']] == [0, 1]
+            assert [e['step'] for e in run['evaluations']] == [1]   # kimg 0 is the reference: evaluated once per round
             assert run['best']['score'] == min(e['score'] for e in run['evaluations'])
             assert '-m edm2_ext.train' in run['commands'][0] and f'--ddo-alpha {run["alpha"]:g}' in run['commands'][0]
-            assert '-m edm2_ext.evaluate' in run['commands'][1]
+            assert '-m edm2_ext.evaluate' in run['commands'][1] and run['commands'][1].endswith('--skip-initial')
         chosen = r['chosen']
         assert chosen['score'] == min(run['best']['score'] for run in r['runs'])
         assert chosen['sha256'] == hashlib.sha256((workdir / chosen['snapshot']).read_bytes()).hexdigest()
     first, second = m['rounds']
     assert first['reference']['sha256'] == hashlib.sha256(open(first['reference']['path'], 'rb').read()).hexdigest()
-    # Round 2 starts from round 1's chosen snapshot: the same file, so (up to float noise) the same score at step 0.
+    # Round 2 starts from round 1's chosen snapshot, with the score that chose it (the same file and seeds).
     assert second['reference'] == dict(path=first['chosen']['snapshot'], sha256=first['chosen']['sha256'],
                                        promoted_from=first['chosen']['run'])
+    assert first['reference_evaluation']['source'] == 'evaluated' and second['reference_evaluation'] == dict(
+        score=first['chosen']['score'], source='round 1')
+    # Each round's reference samples have their own seeds, none of them an evaluation seed (0-63).
+    assert [r['reference_samples']['seeds'] for r in m['rounds']] == ['1000000-1000063', '1000064-1000127']
+    assert first['report']['reference']['seeds'] == '32-63' and second['report']['reference'] == dict(
+        score=first['report']['chosen']['score'], snapshot=first['chosen']['snapshot'], source='round 1')
     assert f'--net {first["chosen"]["snapshot"]} ' in second['reference_samples']['command']
     assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
-    assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-4)
-    # And DDO works in this tiny world: each round's chosen snapshot beats its reference.
-    assert all(r['chosen']['score'] < r['reference_score'] for r in m['rounds']), [(r['reference_score'], r['chosen']['score']) for r in m['rounds']]
+    # In both rounds a sweep point beats its reference on the selection seeds and is promoted (what a 32-sample
+    # pixel-projection "FID" can say; the report seeds show how noisy it is: benchmarks/digits.py measures quality).
+    assert all(r['chosen']['run'] != 'reference' and r['chosen']['score'] < r['reference_score'] for r in m['rounds'])
 
 
 def test_status_and_report(world, uninterrupted):
@@ -99,7 +104,9 @@ def test_status_and_report(world, uninterrupted):
     rows = [line for line in (workdir / 'report.md').read_text().splitlines() if line.startswith('| 1 |') or line.startswith('| 2 |')]
     chosen = uninterrupted['manifest']['rounds'][0]['chosen']
     # 2 runs x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 200% then 400% in all
-    assert rows[0].endswith(f'| {chosen["run"]} | {chosen["score"]:.4g} | 2048 | 100% | 200% |')
+    report = uninterrupted['manifest']['rounds'][0]['report']
+    assert rows[0].endswith(f'| {chosen["run"]} | {chosen["score"]:.4g} | no | {report["reference"]["score"]:.4g} | '
+                            f'{report["chosen"]["score"]:.4g} | 2048 | 100% | 200% |')
     assert rows[1].endswith('| 2048 | 100% | 400% |')
 
 
@@ -122,13 +129,6 @@ def _weights(path):
         return pickle.load(f)['ema'].state_dict()
 
 
-def _eval_results(path):
-    try:
-        return len(json.loads(path.read_text())['results'])
-    except (OSError, ValueError):
-        return 0
-
-
 def test_sigkilled_manager_resumes_to_the_same_manifest(world, uninterrupted, edm2_root):
     from ddo_patch import upstream
     upstream.activate('edm2', edm2_root)   # to unpickle the snapshots below
@@ -136,11 +136,10 @@ def test_sigkilled_manager_resumes_to_the_same_manifest(world, uninterrupted, ed
     args = manager(world, TINY_CONFIG, workdir)
     fake = workdir / 'round01' / 'reference-samples.zip'
     run = workdir / 'round01' / 'a1_b0.05'
-    evaluation = workdir / 'round02' / 'a1_b0.05' / 'eval.json'
     kill_points = {
         'mid-generation': lambda: not fake.exists() and len(list(fake.parent.glob('*.partial/*/*.png'))) >= 16,
         'mid-training': lambda: (run / 'stats.jsonl').exists() and not (run / 'training-state-0000001.pt').exists(),
-        'mid-evaluation': lambda: _eval_results(evaluation) == 1,
+        'mid-evaluation': lambda: (run / 'training-state-0000001.pt').exists() and not (run / 'eval.json').exists(),
     }
     with open(world['root'] / 'killed.log', 'w') as log:
         for name, ready in kill_points.items():
@@ -174,7 +173,7 @@ def test_nan_loss_point_fails_and_the_round_goes_on(world):
 
 def test_round_where_every_run_fails_stops_with_a_clear_message(world):
     config = variant(world, 'all-fail.toml', **{'rounds = 2': 'rounds = 1', 'alpha = [1, 4]': 'alpha = [1e39]',
-                                                'seeds = "0-63"': 'seeds = "0-3"'})
+                                                'count = 64': 'count = 4'})
     workdir = world['root'] / 'all-fail'
     proc = run_manager(world, config, workdir, check=False)
     lines = proc.stderr.strip().splitlines()

@@ -33,7 +33,7 @@ def var_run(var_root, tmp_path_factory):
     proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', str(workdir)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(workdir=workdir, ckpt=ckpt, manifest=read_manifest(workdir))
+    return dict(workdir=workdir, ckpt=ckpt, vae=vae, env=env, manifest=read_manifest(workdir))
 
 
 def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkpoint(var_run):
@@ -44,9 +44,26 @@ def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkp
     assert second['reference'] == dict(path=first['chosen']['snapshot'], sha256=first['chosen']['sha256'],
                                        promoted_from=first['chosen']['run'])
     assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
-    assert second['reference_score'] == pytest.approx(first['chosen']['score'], rel=1e-6)   # the same weights
+    # The reference is scored once, by var_ext.evaluate in round 1; round 2 takes the score round 1 chose with.
+    assert first['reference_evaluation']['source'] == 'evaluated' and first['reference_evaluation']['seeds'] == '0-9'
+    assert '-m var_ext.evaluate --net ' + var_run['ckpt'] in first['reference_evaluation']['command']
+    assert second['reference_evaluation'] == dict(score=first['chosen']['score'], source='round 1')
     for r in m['rounds']:
         _check_round(workdir, r)
+
+
+def test_var_evaluate_scores_a_checkpoint_as_the_trainer_does(var_run, tmp_path):
+    """The reference's score (var_ext.evaluate) and the runs' scores (var_ext.train's evaluations) are compared with
+    each other, so the two must agree on the same weights: here on round 1's chosen checkpoint."""
+    chosen = var_run['manifest']['rounds'][0]['chosen']
+    dest = tmp_path / 'eval.json'
+    proc = subprocess.run([sys.executable, '-m', 'var_ext.evaluate', '--net', str(var_run['workdir'] / chosen['snapshot']),
+                           '--vae', var_run['vae'], '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
+                           '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--metric', 'var_tiny:brightness',
+                           '--seeds', '0-9', '--dest', str(dest)], env=var_run['env'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(dest.read_text())
+    assert report['score'] == report['cfg=0'] == pytest.approx(chosen['score'], rel=1e-6) and report['by'] == 'cfg=0'
 
 
 def _check_round(workdir, r):
@@ -55,11 +72,14 @@ def _check_round(workdir, r):
         assert run['status'] == 'done' and run['images'] == ITERATIONS * BATCH
         assert f'-m var_ext.train --outdir {r["dir"]}/{run["name"]} --ref {r["reference"]["path"]} --ddo-alpha {run["alpha"]:g}' in run['commands'][0]
         rows = [json.loads(line) for line in (workdir / run['run_dir'] / 'metrics.jsonl').read_text().splitlines()]
-        assert [e['step'] for e in run['evaluations']] == [row['iteration'] for row in rows] == [0, 2, 4]
-        assert [e['score'] for e in run['evaluations']] == [row['cfg=0'] for row in rows]
+        assert [e['step'] for e in run['evaluations']] == [row['iteration'] for row in rows] == [2, 4]   # not the reference
+        assert [e['score'] for e in run['evaluations']] == [row['score'] for row in rows] == [row['cfg=0'] for row in rows]
         best = min(rows, key=lambda row: (row['cfg=0'], row['iteration']))
         assert (run['best']['step'], run['best']['score']) == (best['iteration'], best['cfg=0']) and best['iteration'] == rows[-1]['best']
         assert run['best']['snapshot'] == f'{run["run_dir"]}/var-ddo-best.pth'
         assert run['best']['sha256'] == hashlib.sha256((workdir / run['best']['snapshot']).read_bytes()).hexdigest()
-    assert r['chosen']['score'] == min(run['best']['score'] for run in r['runs'])
-    assert r['reference_score'] == r['runs'][0]['evaluations'][0]['score'] == r['runs'][1]['evaluations'][0]['score']
+    best = min(run['best']['score'] for run in r['runs'])
+    if best < r['reference_score']:
+        assert r['chosen']['score'] == best and r['chosen']['run'] != 'reference'
+    else:   # no sweep point beat the reference: it is kept
+        assert (r['chosen']['run'], r['chosen']['snapshot']) == ('reference', r['reference']['path'])

@@ -50,10 +50,10 @@ def generate_balanced(var, seeds, cfg: float = 0.0, top_k: int = 0, top_p: float
 
 
 class Evaluator:
-    """Scores a VAR with `metric` on `num_samples` class-balanced images at each guidance scale in `scales`."""
+    """Scores a VAR with `metric` on the class-balanced images of `seeds` at each guidance scale in `scales`."""
 
-    def __init__(self, metric, num_samples: int, scales, workdir, batch: int = 64, rank: int = 0, world_size: int = 1):
-        self.metric, self.num_samples, self.scales = metric, num_samples, tuple(scales)
+    def __init__(self, metric, seeds, scales, workdir, batch: int = 64, rank: int = 0, world_size: int = 1):
+        self.metric, self.seeds, self.scales = metric, [int(s) for s in seeds], tuple(scales)
         self.workdir, self.batch, self.rank, self.world_size = workdir, batch, rank, world_size
 
     def __call__(self, var, amp_ctx=None) -> dict:
@@ -62,8 +62,7 @@ class Evaluator:
         for cfg in self.scales:
             shard_dir = os.path.join(self.workdir, f'eval-cfg{cfg:g}')
             os.makedirs(shard_dir, exist_ok=True)
-            parts = list(generate_balanced(var, list(range(self.rank, self.num_samples, self.world_size)), cfg=cfg,
-                                  batch=self.batch, amp_ctx=amp_ctx))
+            parts = list(generate_balanced(var, self.seeds[self.rank::self.world_size], cfg=cfg, batch=self.batch, amp_ctx=amp_ctx))
             np.savez(os.path.join(shard_dir, f'rank{self.rank}.npz'),
                      seeds=np.array([s for p in parts for s in p[0]], dtype=np.int64),
                      labels=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),

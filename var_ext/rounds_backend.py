@@ -1,16 +1,20 @@
 """The round manager's VAR backend (`backend = "var_ext.rounds_backend.RoundsBackend"`).
 
-Per sweep point `var_ext.train`, which samples its reference online from the batch's labels, evaluates
-every run.eval_every iterations itself (`metrics.jsonl`, each row with the `score` that selects) and
-keeps `var-ddo-best.pth`. Steps are iterations.
+Per sweep point `var_ext.train --no-initial-eval`, which samples its reference online from the batch's
+labels, evaluates every run.eval_every iterations itself (`metrics.jsonl`, each row with the `score` that
+selects) and keeps `var-ddo-best.pth`; the reference is scored once per round by `var_ext.evaluate`, on
+the same seeds (0 .. evaluate.samples - 1). Steps are iterations.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
+from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, json_lines, option_args
+from ddo_patch.seeds import check_disjoint, parse_seeds
 from var_ext import run_files
 
 
@@ -20,7 +24,8 @@ class RoundsBackend(Backend):
     train_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers',
                      'label_drop', 'global_batch', 'batch_gpu', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd',
                      'grad_clip', 'amp', 'seed', 'log_every')
-    evaluate_options = ('metric', 'samples', 'cfg', 'batch', 'best_by')
+    evaluate_options = ('metric', 'samples', 'cfg', 'batch', 'best_by', 'report_seeds')
+    model_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z')   # var_ext.options
     file_options = ('vae',)
 
     def validate(self):
@@ -31,20 +36,50 @@ class RoundsBackend(Backend):
             raise cfg.error(f'evaluate.metric must be MODULE:FUNCTION for var, got {cfg.evaluate["metric"]!r}')
         if cfg.data is None and 'dataset' not in cfg.train:
             raise cfg.error('var needs data (an ImageFolder root) or train.dataset (MODULE:FUNCTION)')
+        if self.reports():
+            try:
+                check_disjoint({'the evaluation seeds (0 .. evaluate.samples - 1)': parse_seeds(self.evaluation_seeds('select')),
+                                'evaluate.report_seeds': parse_seeds(self.evaluation_seeds('report'))})
+            except DDOPatchError as err:
+                raise cfg.error(str(err)) from None
 
     def metric_label(self):
-        key = run_files.score_key(self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG), self.cfg.evaluate.get('best_by', 'free'))
-        return f'{self.cfg.evaluate["metric"]} ({key})'
+        return f'{self.cfg.evaluate["metric"]} ({self._score_key()})'
 
-    def run_commands(self, run_dir, reference, fake, alpha, beta, options) -> list:
+    def _score_key(self):
+        return run_files.score_key(self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG), self.cfg.evaluate.get('best_by', 'free'))
+
+    def _root(self):
+        return ['--var-root', self.cfg.upstream_root] if self.cfg.upstream_root else []
+
+    def evaluation_seeds(self, purpose) -> str:
+        if purpose == 'report':
+            return str(self.cfg.evaluate['report_seeds'])
+        return f'0-{int(self.cfg.evaluate.get("samples", 50000)) - 1}'   # var_ext.train's --eval-samples
+
+    def evaluation(self, snapshot, dest, purpose, options) -> Command:
+        evaluate = self.cfg.evaluate
+        scale = evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG)
+        args = ['--net', snapshot, '--dest', dest, '--metric', evaluate['metric'], '--seeds', self.evaluation_seeds(purpose),
+                '--cfg', '0'] + (['--cfg', str(scale)] if scale else [])
+        args += option_args({k: v for k, v in evaluate.items() if k in ('batch', 'best_by')})
+        args += option_args({k: v for k, v in options.items() if k in self.model_options + ('amp',)})
+        return Command('var_ext.evaluate', args + self._root())
+
+    def read_evaluation(self, path) -> float:
+        with open(path) as f:
+            return json.load(f)['score']
+
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
         cfg = self.cfg
         evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'cfg', 'batch')}
         if 'best_by' in cfg.evaluate:
             evaluate['best_by'] = cfg.evaluate['best_by']
         args = ['--outdir', run_dir, '--ref', reference, '--ddo-alpha', str(alpha), '--ddo-beta', str(beta),
-                '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric']]
+                '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'],
+                '--no-initial-eval']
         args += (['--data', cfg.data] if cfg.data else []) + option_args(evaluate) + option_args(options)
-        return [Command('var_ext.train', args + (['--var-root', cfg.upstream_root] if cfg.upstream_root else []))]
+        return [Command('var_ext.train', args + self._root())]
 
     def images_per_run(self, options) -> int:
         return self.cfg.duration * int(options.get('global_batch', 1024))

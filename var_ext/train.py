@@ -70,6 +70,7 @@ def parse_args(argv=None):
     g.add_argument('--eval-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_EVAL_CFG, help='second evaluation at this upstream CFG scale; 0 = guidance-free only (default: %(default)s)')
     g.add_argument('--eval-batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
     g.add_argument('--best-by', choices=['free', 'cfg'], default='free', help='which score picks the best checkpoint (default: %(default)s)')
+    g.add_argument('--no-initial-eval', action='store_true', help='do not evaluate the starting model (the round manager scores the reference once per round)')
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
     g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
     g.add_argument('-n', '--dry-run', action='store_true', help='check the inputs, print the training options and exit')
@@ -198,7 +199,7 @@ def main(argv=None):
     evaluator = None
     if metric is not None:
         scales = (0.0, args.eval_cfg) if args.eval_cfg else (0.0,)
-        evaluator = Evaluator(metric, args.eval_samples, scales, args.outdir, args.eval_batch, rank, world_size)
+        evaluator = Evaluator(metric, range(args.eval_samples), scales, args.outdir, args.eval_batch, rank, world_size)
     lr_control = models.import_upstream(args.var_root, 'utils.lr_control')
     score_key = run_files.score_key(args.eval_cfg, args.best_by)
 
@@ -218,7 +219,7 @@ def main(argv=None):
     first = next(batches)
     trainer.check_labels(first[1])   # a bad dataset fails before anything is written
 
-    if evaluator is not None and best is None:
+    if evaluator is not None and best is None and not args.no_initial_eval:
         evaluate(0)   # the reference itself: a round may not improve on it
         run.save(trainer, 0, best, also_best=True)
     iteration, done_here = start, 0

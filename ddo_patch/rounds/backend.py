@@ -6,10 +6,12 @@ adapter, subclasses `Backend`, and answers:
 
 - which options `[train]`, `[[override]]`, `[evaluate]` and `[reference_samples]` may hold, which of
   them name files, and what else of the config it requires (`validate`);
-- the commands of a round's reference samples and of one sweep point (`reference_samples`,
-  `run_commands`), as `Command`s that the launcher runs through the codebase's native launcher;
-- what a finished run recorded: its evaluations and their scores (`collect`). The manager takes the
-  scores as the run wrote them; it computes none itself.
+- the commands of a round's reference samples (from the round's own seeds), of one evaluation of a
+  snapshot (the round's reference; the chosen snapshot on the report seeds) and of one sweep point
+  (`reference_samples`, `evaluation`, `run_commands`), as `Command`s that the launcher runs through the
+  codebase's native launcher; a sweep point does not evaluate its starting point, the reference;
+- what a finished run or evaluation recorded: the evaluations and their scores (`collect`,
+  `read_evaluation`). The manager takes the scores as the runs wrote them; it computes none itself.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ import dataclasses
 import importlib
 import json
 import os
+from typing import NamedTuple
 
 from ddo_patch.errors import DDOPatchError
+
+
+class ReferenceSamples(NamedTuple):
+    path: str                   # where the round's reference samples go, relative to the work directory
+    seeds: str                  # their seeds, e.g. '1000000-1049999'
+    command: 'Command'          # the command that makes them
 
 
 @dataclasses.dataclass
@@ -49,11 +58,27 @@ class Backend:
     def metric_label(self) -> str:
         return str(self.cfg.evaluate['metric'])
 
-    def reference_samples(self, round_dir, reference) -> tuple:
-        """(path of the round's reference samples, the `Command` that makes them), or (None, None)."""
-        return None, None
+    def reference_samples(self, round_idx, round_dir, reference) -> ReferenceSamples | None:
+        """The round's offline reference samples of `reference`; None when the backend samples them online."""
+        return None
 
-    def run_commands(self, run_dir, reference, fake, alpha, beta, options) -> list:
+    def evaluation(self, snapshot, dest, purpose, options) -> Command:
+        """The command that scores `snapshot` into `dest` ('select': on the evaluation seeds; 'report': on
+        evaluate.report_seeds); `options` are the round's train options (the model's shape, for VAR)."""
+        raise NotImplementedError
+
+    def evaluation_seeds(self, purpose) -> str:
+        """The seeds an evaluation of this purpose samples, as recorded in the manifest."""
+        raise NotImplementedError
+
+    def reports(self) -> bool:
+        """Whether the config asks for a report evaluation of each round's chosen snapshot (evaluate.report_seeds)."""
+        return 'report_seeds' in self.cfg.evaluate
+
+    def read_evaluation(self, path) -> float:
+        raise NotImplementedError
+
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
         raise NotImplementedError
 
     def images_per_run(self, options) -> int:

@@ -1,12 +1,15 @@
 """The round manager: DDO self-play rounds with an alpha x beta sweep, the best snapshot of each round
 promoted to be the next round's reference (paper section 3.3, appendix C).
 
-Per round: the reference samples (edm2; skipped when complete), one job per sweep point (train and
-evaluate through the codebase's own entry points and launcher), the best snapshot over all points,
-then the stop rule. Everything is recorded in `<workdir>/manifest.json`, rewritten atomically after
-every step. A job's completion is read back from its status file, so after a SIGKILL the same command
-continues: finished jobs are kept, an unfinished one is run again and resumes inside (see
-`ddo_patch.rounds.launch`). Paths inside the work directory are recorded relative to it, and every job runs in it.
+Per round: the reference samples (edm2; from the round's own seeds, disjoint from every evaluation's and
+other rounds'), one evaluation of the reference (round 1; later rounds take the score their reference was
+chosen with), one job per sweep point (train and evaluate through the codebase's own entry points and
+launcher; the reference is not evaluated again there), the best snapshot, which must beat the reference,
+scores on the report seeds when the config has them, then the stop rule. Everything is recorded in
+`<workdir>/manifest.json`, rewritten atomically after every step. A job's completion is read back from its
+status file, so after a SIGKILL the same command continues: finished jobs are kept, an unfinished one is
+run again and resumes inside (see `ddo_patch.rounds.launch`). Paths inside the work directory are recorded
+relative to it, and every job runs in it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ddo_patch.rounds import manifest
 from ddo_patch.rounds.backend import point_name
 from ddo_patch.rounds.launch import Job, command_line, make_launcher, read_status
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def round_dir(round_idx: int) -> str:
@@ -72,44 +75,126 @@ def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir) 
     return record
 
 
-def _choose(runs) -> dict:
-    """The round's best snapshot; ties go to the earlier sweep point in (alpha, beta) order, then the earlier step."""
-    done = [r for r in runs if r['status'] == 'done']
-    best = min(done, key=lambda r: (r['best']['score'], r['alpha'], r['beta'], r['best']['step']))
-    return dict(run=best['name'], **best['best'])
+REFERENCE = 'reference'   # the name a round's chosen snapshot has when no sweep point beat the round's reference
+
+
+def _choose(record) -> dict:
+    """The round's best snapshot. A sweep point must beat the reference (evaluated once per round, step 0) to be
+    chosen; ties go to the reference, then to the earlier sweep point in (alpha, beta) order, then the earlier step."""
+    reference = record['reference_evaluation']
+    best = min([r for r in record['runs'] if r['status'] == 'done'],
+               key=lambda r: (r['best']['score'], r['alpha'], r['beta'], r['best']['step']))
+    if best['best']['score'] < reference['score']:
+        return dict(run=best['name'], **best['best'])
+    return dict(run=REFERENCE, step=0, snapshot=record['reference']['path'], score=reference['score'],
+                sha256=record['reference']['sha256'])
+
+
+def _stalled(cfg, record) -> bool:
+    """A round stalls when it keeps its reference or improves on it by no more than stop.min_improvement."""
+    return record['chosen']['run'] == REFERENCE or record['improvement'] <= cfg.stop['min_improvement']
 
 
 def _stop_reason(cfg, rounds) -> str | None:
-    """Improvement below stop.min_improvement for stop.patience consecutive rounds (lower metric is better)."""
+    """stop.patience stalled rounds in a row (lower metric is better)."""
     if cfg.stop['patience'] == 0:
         return None
     stalled = 0
     for record in rounds:
-        stalled = stalled + 1 if record['improvement'] is None or record['improvement'] < cfg.stop['min_improvement'] else 0
+        stalled = stalled + 1 if record['stalled'] else 0
     if stalled >= cfg.stop['patience']:
-        return (f'improvement below {cfg.stop["min_improvement"]:g} for {stalled} round(s) in a row '
+        return (f'no improvement above {cfg.stop["min_improvement"]:g} for {stalled} round(s) in a row '
                 f'(stop.patience = {cfg.stop["patience"]})')
     return None
 
 
-def _reference_samples(workdir, cfg, backend, launcher, record) -> str | bool | None:
-    """Make sure the round's reference samples exist; their path, None (none needed), or False (still queued)."""
-    fake, command = backend.reference_samples(record['dir'], record['reference']['path'])
-    if command is None:
-        return None
-    job = Job(name=f'{record["dir"]}-reference-samples', path=f'{record["dir"]}/reference-samples', commands=[command])
-    status = read_status(workdir, job)
-    if status is not None and status['exit_status'] != 0:
-        os.remove(os.path.join(workdir, job.file('status')))   # failed in an earlier invocation: try again (it resumes)
-        status = None
-    if status is None and not launcher.run([job], on_done=lambda _: None):
+def _round_jobs(workdir, launcher, jobs) -> dict | bool:
+    """Run round-level jobs (reference samples, evaluations) that have not finished, together (on SLURM: submitted at
+    once); {job name: status}, or False while any is queued. A job that failed in an earlier invocation runs again."""
+    for job in jobs:
+        status = read_status(workdir, job)
+        if status is not None and status['exit_status'] != 0:
+            os.remove(os.path.join(workdir, job.file('status')))
+    todo = [job for job in jobs if read_status(workdir, job) is None]
+    if todo and not launcher.run(todo, on_done=lambda _: None):
         return False
-    status = read_status(workdir, job)
-    record['reference_samples'] = dict(path=fake, command=command_line(cfg.launcher, command), **status)
+    return {job.name: read_status(workdir, job) for job in jobs}
+
+
+def _failed(workdir, record, job, status, what):
     if status['exit_status'] != 0:
-        raise DDOPatchError(f'round {record["round"]}: generating the reference samples failed with exit status '
-                            f'{status["exit_status"]}; see {os.path.join(workdir, job.file("log"))}, then rerun')
-    return fake
+        raise DDOPatchError(f'round {record["round"]}: {what} failed with exit status {status["exit_status"]}; '
+                            f'see {os.path.join(workdir, job.file("log"))}, then rerun')
+
+
+class _Evaluation:
+    """One evaluation of a snapshot as its own job: 'select' (a round's reference, on the seeds that select) or
+    'report' (on evaluate.report_seeds)."""
+
+    def __init__(self, cfg, backend, record, snapshot, purpose, name):
+        self.cfg, self.backend, self.record, self.snapshot, self.purpose = cfg, backend, record, snapshot, purpose
+        self.dest = f'{record["dir"]}/{name}.json'   # name: reference-evaluation, report-reference, report-chosen
+        self.command = backend.evaluation(snapshot, self.dest, purpose, cfg.round_options(record['round']))
+        self.job = Job(name=f'{record["dir"]}-{name}', path=f'{record["dir"]}/{name}', commands=[self.command])
+
+    def result(self, workdir, status) -> dict:
+        _failed(workdir, self.record, self.job, status, f'evaluating {self.snapshot} ({self.purpose})')
+        score = self.backend.read_evaluation(os.path.join(workdir, self.dest))
+        if not math.isfinite(score):
+            raise DDOPatchError(f'round {self.record["round"]}: {self.backend.metric_label()} of {self.snapshot} is {score}; '
+                                f'see {os.path.join(workdir, self.dest)}')
+        return dict(score=score, source='evaluated', snapshot=self.snapshot, seeds=self.backend.evaluation_seeds(self.purpose),
+                    command=command_line(self.cfg.launcher, self.command), **status)
+
+
+def _previous_round(m, record):
+    return m['rounds'][record['round'] - 2] if record['round'] > 1 else None
+
+
+def _prepare_round(workdir, cfg, backend, launcher, m, record) -> str | bool | None:
+    """The round's reference samples (edm2) and the reference's score, their jobs submitted together; the samples'
+    path (None: sampled online), or False while a job is queued. The reference is evaluated in round 1 only; a
+    later round's reference is the snapshot the previous round chose, with the score it was chosen with."""
+    samples = backend.reference_samples(record['round'], record['dir'], record['reference']['path'])
+    samples_job = samples and Job(name=f'{record["dir"]}-reference-samples', path=f'{record["dir"]}/reference-samples',
+                                  commands=[samples.command])
+    previous = _previous_round(m, record)
+    if record['reference_evaluation'] is None and previous is not None:   # the reference is the snapshot it chose
+        record['reference_evaluation'] = dict(score=previous['chosen']['score'], source=f'round {previous["round"]}')
+    evaluation = None if record['reference_evaluation'] else \
+        _Evaluation(cfg, backend, record, record['reference']['path'], 'select', 'reference-evaluation')
+    statuses = _round_jobs(workdir, launcher, [job for job in (samples_job, evaluation and evaluation.job) if job])
+    if statuses is False:
+        return False
+    if samples:
+        status = statuses[samples_job.name]
+        record['reference_samples'] = dict(path=samples.path, seeds=samples.seeds,
+                                           command=command_line(cfg.launcher, samples.command), **status)
+        _failed(workdir, record, samples_job, status, 'generating the reference samples')
+    if evaluation:
+        record['reference_evaluation'] = evaluation.result(workdir, statuses[evaluation.job.name])
+    record['reference_score'] = record['reference_evaluation']['score']
+    return samples.path if samples else None
+
+
+def _report(workdir, cfg, backend, launcher, m, record) -> bool:
+    """With evaluate.report_seeds: {'reference': ..., 'chosen': ...}, the two snapshots' scores on seeds that select
+    nothing. A snapshot the previous round scored (this round's reference) is not evaluated again. False while queued."""
+    if not backend.reports() or record['report'] is not None:
+        return True
+    previous = _previous_round(m, record)
+    known = {} if previous is None else {entry['snapshot']: dict(score=entry['score'], snapshot=entry['snapshot'],
+                                                                 source=f'round {previous["round"]}')
+                                         for entry in previous['report'].values()}
+    snapshots = dict(reference=record['reference']['path'], chosen=record['chosen']['snapshot'])
+    todo = {snapshot: _Evaluation(cfg, backend, record, snapshot, 'report', f'report-{role}')
+            for role, snapshot in reversed(list(snapshots.items())) if snapshot not in known}   # a kept reference: once
+    statuses = _round_jobs(workdir, launcher, [e.job for e in todo.values()])
+    if statuses is False:
+        return False
+    known.update({snapshot: e.result(workdir, statuses[e.job.name]) for snapshot, e in todo.items()})
+    record['report'] = {role: known[snapshot] for role, snapshot in snapshots.items()}
+    return True
 
 
 def _forget_failed(workdir, record):
@@ -124,17 +209,16 @@ def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool
     save = lambda: manifest.save(workdir, m)  # noqa: E731
     if retry_failed:
         _forget_failed(workdir, record)
-    fake = _reference_samples(workdir, cfg, backend, launcher, record)
-    if fake is False:
-        save()
-        return False
+    fake = _prepare_round(workdir, cfg, backend, launcher, m, record)
     save()
+    if fake is False:
+        return False
     options = cfg.round_options(record['round'])
     jobs, pending = {}, []
     for alpha, beta in cfg.sweep_points():
         run_dir = f'{record["dir"]}/{point_name(alpha, beta)}'
         job = Job(name=f'{record["dir"]}-{point_name(alpha, beta)}', path=run_dir,
-                  commands=backend.run_commands(run_dir, record['reference']['path'], fake, alpha, beta, options))
+                  commands=backend.run_commands(record['round'], run_dir, record['reference']['path'], fake, alpha, beta, options))
         jobs[job.name] = (job, alpha, beta, run_dir)
         if not any(r['name'] == point_name(alpha, beta) for r in record['runs']):
             pending.append(job)
@@ -158,11 +242,13 @@ def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool
         raise DDOPatchError(f'round {record["round"]}: all {len(record["runs"])} runs failed (' +
                             '; '.join(f'{r["name"]}: {r["error"]}' for r in record['runs']) + '); nothing to promote, '
                             'stopping (fix the cause, then rerun with --retry-failed)')
-    record['chosen'] = _choose(record['runs'])
-    baselines = [e['score'] for r in record['runs'] if r['status'] == 'done' for e in r['evaluations'] if e['step'] == 0]
-    record['reference_score'] = min(baselines) if baselines else None
-    previous = m['rounds'][-2]['chosen']['score'] if len(m['rounds']) > 1 else record['reference_score']
-    record['improvement'] = previous - record['chosen']['score'] if previous is not None else None
+    record['chosen'] = _choose(record)
+    record['improvement'] = record['reference_score'] - record['chosen']['score']
+    record['stalled'] = _stalled(cfg, record)
+    save()
+    if not _report(workdir, cfg, backend, launcher, m, record):
+        save()
+        return False
     record['status'] = 'done'
     save()
     return True
@@ -184,11 +270,12 @@ def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> 
             m['status'], m['stop_reason'] = 'stopped', reason
             break
         if round_idx > len(m['rounds']):
-            previous = m['rounds'][-1]['chosen'] if m['rounds'] else None
+            previous = m['rounds'][-1]['chosen'] if m['rounds'] else None   # run 'reference': the reference was kept
             reference = dict(path=previous['snapshot'], sha256=previous['sha256'], promoted_from=previous['run']) if previous \
                 else dict(path=cfg.pretrained, sha256=manifest.sha256(cfg.pretrained), promoted_from=None)
             m['rounds'].append(dict(round=round_idx, dir=round_dir(round_idx), status='running', reference=reference,
-                                    reference_samples=None, runs=[], chosen=None, reference_score=None, improvement=None))
+                                    reference_samples=None, reference_evaluation=None, runs=[], chosen=None,
+                                    reference_score=None, improvement=None, stalled=None, report=None))
             os.makedirs(os.path.join(workdir, round_dir(round_idx)), exist_ok=True)
             manifest.save(workdir, m)
         record = m['rounds'][round_idx - 1]

@@ -31,7 +31,9 @@ def status_lines(workdir) -> list:
     for r in m['rounds']:
         done = sum(run['status'] == 'done' for run in r['runs'])
         failed = sum(run['status'] == 'failed' for run in r['runs'])
-        chosen = f'chosen {r["chosen"]["run"]} step {r["chosen"]["step"]}: {_score(r["chosen"]["score"])}' if r['chosen'] else ''
+        chosen = (f'reference {_score(r["reference_score"])}, chosen {r["chosen"]["run"]} step {r["chosen"]["step"]}: '
+                  f'{_score(r["chosen"]["score"])}' + (' (stalled)' if r['stalled'] else '') +
+                  (f'; report seeds {_score(r["report"]["chosen"]["score"])}' if r.get('report') else '')) if r['chosen'] else ''
         lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, '
                      f'pending {points - done - failed}  {chosen}')
         lines += [f'      {run["name"]}: failed: {run["error"]}' for run in r['runs'] if run['status'] == 'failed']
@@ -56,18 +58,26 @@ def table(m) -> str:
     pretraining = m['config']['pretraining_images']
     pct = (lambda n: f'{100 * n / pretraining:.3g}%') if pretraining else (lambda n: '-')
     names = sorted({run['name'] for r in m['rounds'] for run in r['runs']})
-    header = ['round', 'reference score'] + names + ['chosen', 'best', 'images (round)', 'per run vs pretraining',
-                                                     'cumulative vs pretraining']
+    reported = any(r.get('report') for r in m['rounds'])
+    header = (['round', 'reference score'] + names + ['chosen', 'best', 'stalled'] +
+              (['report: reference', 'report: chosen'] if reported else []) +
+              ['images (round)', 'per run vs pretraining', 'cumulative vs pretraining'])
     rows = []
     for r, cost in zip(m['rounds'], cost_rows(m)):
         by_name = {run['name']: run for run in r['runs']}
         cells = [_score(by_name[n]['best']['score']) if n in by_name and by_name[n]['best'] else
                  ('failed' if n in by_name else '') for n in names]
+        report = r.get('report') or {}
         rows.append([str(r['round']), _score(r['reference_score'])] + cells +
                     [r['chosen']['run'] if r['chosen'] else '', _score(r['chosen']['score'] if r['chosen'] else None),
-                     str(cost['round_images']), pct(cost['chosen_images']), pct(cost['cumulative_images'])])
+                     {True: 'yes', False: 'no'}.get(r.get('stalled'), '')] +
+                    ([_score(report.get('reference', {}).get('score')), _score(report.get('chosen', {}).get('score'))]
+                     if reported else []) +
+                    [str(cost['round_images']), pct(cost['chosen_images']), pct(cost['cumulative_images'])])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |' for row in rows]
-    return '\n'.join(lines) + '\n'
+    note = ('\nScores select on the evaluation seeds (a sweep point is chosen only if it beats the reference); '
+            '"report" columns score the same snapshots on seeds that selected nothing.\n' if reported else '')
+    return '\n'.join(lines) + '\n' + note
 
 
 def plot(m, path):
@@ -84,6 +94,11 @@ def plot(m, path):
     left.plot([r['round'] for r in done], [r['chosen']['score'] for r in done], 'o-', color='C0', label='best of round')
     if m['rounds'] and m['rounds'][0]['reference_score'] is not None:
         left.axhline(m['rounds'][0]['reference_score'], color='C3', ls='--', lw=1, label='pretrained')
+    reported = [r for r in done if r.get('report')]
+    if reported:
+        left.plot([0] + [r['round'] for r in reported],
+                  [reported[0]['report']['reference']['score']] + [r['report']['chosen']['score'] for r in reported],
+                  's:', color='C2', label='report seeds (round 0: pretrained)')
     left.set(xlabel='round', ylabel=f'{m["metric"]} (lower is better)', title='metric per round')
     left.legend()
     costs = cost_rows(m)

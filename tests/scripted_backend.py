@@ -1,0 +1,74 @@
+"""A round-manager backend whose "training" follows a scripted law, for testing the manager's decisions fast.
+
+A snapshot is a JSON file holding its own score; evaluating it reads the score. A sweep point's run writes
+one snapshot every eval_every steps, scored by `LAWS[law](reference score, alpha, beta, step)`, and its
+evaluations into `evaluations.json`. Jobs run `python -m scripted_backend ...` (tests/ on PYTHONPATH).
+"""
+
+import json
+import os
+import sys
+
+from ddo_patch.rounds.backend import Backend, Command
+
+LAWS = {
+    'never': lambda reference, alpha, beta, step: reference + 0.5 * step,          # every step is worse
+    'alpha_helps': lambda reference, alpha, beta, step: reference - 0.1 * alpha * step,
+}
+
+
+class ScriptedBackend(Backend):
+    name = 'scripted'
+    train_options = ('law',)
+
+    def evaluation(self, snapshot, dest, purpose, options):
+        return Command('scripted_backend', ['evaluate', snapshot, dest])
+
+    def evaluation_seeds(self, purpose):
+        return purpose
+
+    def read_evaluation(self, path):
+        with open(path) as f:
+            return json.load(f)['score']
+
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options):
+        cfg = self.cfg
+        return [Command('scripted_backend', ['train', run_dir, reference, alpha, beta, cfg.duration, cfg.eval_every,
+                                             options.get('law', 'never')])]
+
+    def images_per_run(self, options):
+        return self.cfg.duration
+
+    def collect(self, run_dir):
+        with open(os.path.join(run_dir, 'evaluations.json')) as f:
+            evaluations = json.load(f)
+        return dict(evaluations=[dict(e, snapshot=os.path.join(run_dir, os.path.basename(e['snapshot']))) for e in evaluations],
+                    error=None)
+
+
+def _score(path):
+    with open(path) as f:
+        return json.load(f)['score']
+
+
+def _write(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f)
+
+
+def main(argv):
+    if argv[0] == 'evaluate':
+        _write(argv[2], {'score': _score(argv[1])})
+        return
+    run_dir, reference, alpha, beta, duration, eval_every, law = argv[1:]
+    os.makedirs(run_dir, exist_ok=True)
+    start, evaluations = _score(reference), []
+    for step in range(int(eval_every), int(duration) + 1, int(eval_every)):
+        snapshot = os.path.join(run_dir, f'snapshot-{step}.json')
+        _write(snapshot, {'score': LAWS[law](start, float(alpha), float(beta), step)})
+        evaluations.append(dict(step=step, snapshot=snapshot, score=_score(snapshot)))
+    _write(os.path.join(run_dir, 'evaluations.json'), evaluations)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
