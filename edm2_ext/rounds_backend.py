@@ -92,18 +92,29 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return json.load(f)['results'][0][self.cfg.evaluate['metric']]
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
+        """A rung trains with --duration = the rung: EDM2's learning rate and EMA do not depend on the total, so
+        the next stage, with a larger --duration, resumes from the rung's checkpoint as if never stopped."""
         cfg = self.cfg
+        duration = stop_at or cfg.duration
         train = ['--outdir', run_dir, '--data', cfg.data, '--ref', reference, '--fake', fake, '--ddo-alpha', str(alpha),
-                 '--ddo-beta', str(beta), '--round', str(round_idx), '--duration', str(cfg.duration), '--snapshot', str(cfg.eval_every)]
+                 '--ddo-beta', str(beta), '--round', str(round_idx), '--duration', str(duration), '--snapshot', str(cfg.eval_every)]
         evaluate = self._evaluate_args(run_dir, f'{run_dir}/{run_files.EVALUATION}', self.evaluation_seeds('select'))
         # Upstream refuses to resume a finished run, so a rerun skips training once its last state exists.
-        final_state = f'{run_dir}/{run_files.training_state(cfg.duration // 1000)}'
+        final_state = f'{run_dir}/{run_files.training_state(duration // 1000)}'
         return [Command('edm2_ext.train', train + _args(options) + self._root(), done_if=final_state),
                 Command('edm2_ext.evaluate', evaluate + ['--skip-initial'])]
 
-    def images_per_run(self, options) -> int:
-        return self.cfg.duration
+    def train_images(self, options, steps) -> int:
+        return steps
+
+    def sample_cost(self, kind) -> float:
+        """One sample is 2 steps - 1 network evaluations of EDM's Heun sampler, a third of a training image each."""
+        table = self.cfg.reference_samples if kind == 'reference' else self.cfg.evaluate
+        return (2 * int(table.get('steps', 32)) - 1) / 3
+
+    def reference_sample_count(self, round_idx) -> int:
+        return self._reference_seed_plan()[0]
 
     def collect(self, run_dir) -> dict:
         for row in json_lines(os.path.join(run_dir, run_files.STATS)):

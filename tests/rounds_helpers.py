@@ -18,6 +18,21 @@ FAKE_SBATCH = textwrap.dedent('''\
     echo "$id;fakecluster"
 ''')
 
+# The same, but the job runs to its end inside sbatch (it is never seen queued), with the fake srun and scontrol
+# below: for tests of what the manager does with jobs on the SLURM path (the real daemons: tests/test_rounds_slurm.py).
+FAKE_SBATCH_RUNS = FAKE_SBATCH.replace('echo $id >> "$dir/queued"', 'SLURM_JOB_ID=$id bash "${@: -1}" > /dev/null 2>&1')
+
+FAKE_SRUN = textwrap.dedent('''\
+    #!/bin/bash
+    # Fake srun for one process: drop srun's options, then torch.distributed.run and its options, run the module.
+    while [[ $1 == --* ]]; do shift; done
+    python=$1; shift
+    if [ "$1 $2" = "-m torch.distributed.run" ]; then shift 2; while [ "$1" != -m ]; do shift; done; fi
+    exec "$python" "$@"
+''')
+
+FAKE_SCONTROL = '#!/bin/bash\necho localhost\n'
+
 FAKE_SQUEUE = textwrap.dedent('''\
     #!/bin/bash
     # Fake squeue -h -j ID -o %i: print the id while it is listed in $FAKE_SLURM_DIR/queued.
@@ -27,12 +42,14 @@ FAKE_SQUEUE = textwrap.dedent('''\
 ''')
 
 
-def install_fake_slurm(tmp_path, monkeypatch):
-    """Put fake sbatch/squeue first on PATH; returns the directory where they keep their state."""
+def install_fake_slurm(tmp_path, monkeypatch, run_jobs=False):
+    """Put fake sbatch/squeue first on PATH; returns the directory where they keep their state. run_jobs: sbatch runs
+    the job script itself, to its end."""
     bin_dir, state = tmp_path / 'fake-bin', tmp_path / 'fake-slurm'
     bin_dir.mkdir()
     state.mkdir()
-    for name, text in (('sbatch', FAKE_SBATCH), ('squeue', FAKE_SQUEUE)):
+    tools = [('sbatch', FAKE_SBATCH_RUNS if run_jobs else FAKE_SBATCH), ('squeue', FAKE_SQUEUE)]
+    for name, text in tools + ([('srun', FAKE_SRUN), ('scontrol', FAKE_SCONTROL)] if run_jobs else []):
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)

@@ -8,6 +8,7 @@ evaluations into `evaluations.json`. Jobs run `python -m scripted_backend ...` (
 import json
 import os
 import sys
+import time
 
 from ddo_patch.rounds.backend import Backend, Command
 
@@ -19,7 +20,7 @@ LAWS = {
 
 class ScriptedBackend(Backend):
     name = 'scripted'
-    train_options = ('law',)
+    train_options = ('law', 'seconds')   # the scoring law, and seconds per step (to have a job to interrupt)
 
     def evaluation(self, snapshot, dest, purpose, options):
         return Command('scripted_backend', ['evaluate', snapshot, dest])
@@ -31,13 +32,19 @@ class ScriptedBackend(Backend):
         with open(path) as f:
             return json.load(f)['score']
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options):
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None):
         cfg = self.cfg
-        return [Command('scripted_backend', ['train', run_dir, reference, alpha, beta, cfg.duration, cfg.eval_every,
-                                             options.get('law', 'never')])]
+        return [Command('scripted_backend', ['train', run_dir, reference, alpha, beta, stop_at or cfg.duration, cfg.eval_every,
+                                             options.get('law', 'never'), options.get('seconds', 0)])]
 
-    def images_per_run(self, options):
-        return self.cfg.duration
+    def train_images(self, options, steps):
+        return steps
+
+    def evaluation_samples(self, purpose):
+        return 10
+
+    def sample_cost(self, kind):
+        return 1.0
 
     def collect(self, run_dir):
         with open(os.path.join(run_dir, 'evaluations.json')) as f:
@@ -60,10 +67,11 @@ def main(argv):
     if argv[0] == 'evaluate':
         _write(argv[2], {'score': _score(argv[1])})
         return
-    run_dir, reference, alpha, beta, duration, eval_every, law = argv[1:]
+    run_dir, reference, alpha, beta, stop_at, eval_every, law, seconds = argv[1:]   # a larger stop_at continues the run
     os.makedirs(run_dir, exist_ok=True)
     start, evaluations = _score(reference), []
-    for step in range(int(eval_every), int(duration) + 1, int(eval_every)):
+    for step in range(int(eval_every), int(stop_at) + 1, int(eval_every)):
+        time.sleep(float(seconds))
         snapshot = os.path.join(run_dir, f'snapshot-{step}.json')
         _write(snapshot, {'score': LAWS[law](start, float(alpha), float(beta), step)})
         evaluations.append(dict(step=step, snapshot=snapshot, score=_score(snapshot)))

@@ -17,7 +17,7 @@ from ddo_patch.rounds import manifest
 from ddo_patch.cli import main
 from ddo_patch.rounds.manager import _stalled, _stop_reason
 from edm2_ext.presets import resolve
-from rounds_helpers import cli_runner, install_fake_slurm, read_manifest, write_config
+from rounds_helpers import cli_runner, comparable, install_fake_slurm, read_manifest, write_config
 
 EDM2 = 'edm2_ext.rounds_backend.RoundsBackend'
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -302,3 +302,86 @@ def test_the_best_sweep_point_is_promoted_when_it_beats_the_reference(tmp_path):
     assert second['reference']['path'] == first['chosen']['snapshot'] and second['reference']['promoted_from'] == 'a2_b0.1'
     assert second['reference_score'] == first['chosen']['score'] and second['chosen']['score'] == pytest.approx(8.4)
     assert first['improvement'] == pytest.approx(0.8) and not first['stalled']
+
+
+def halving_config(tmp_path, rounds=1, carry=False, seconds=0.0, launcher=None):
+    """Four points a1..a4 on the scripted law 'alpha_helps' (larger alpha, lower score at every step), 8 steps with
+    an evaluation every 2, rungs at 2 and 4, half kept at each: a1, a2 stop at 2; a3 at 4; a4 runs to the end."""
+    (tmp_path / 'pretrained.json').write_text('{"score": 10.0}')
+    tests = os.path.dirname(os.path.abspath(__file__))
+    sweep = dict(alpha=[1, 2, 3, 4], beta=[0.1, 0.2] if carry else [0.1], policy='halving', rungs=[2, 4], keep=0.5, carry=carry)
+    return write_config(tmp_path / 'halving.toml', dict(backend='scripted_backend.ScriptedBackend', rounds=rounds,
+                                                        pretrained='pretrained.json'),
+                        dict(run=dict(duration=8, eval_every=2), sweep=sweep, train=dict(law='alpha_helps', seconds=seconds),
+                             evaluate=dict(metric='score'),
+                             launcher=launcher or dict(kind='local', env={'PYTHONPATH': tests})))
+
+
+def _check_halving_round(workdir, r):
+    runs = {run['name']: run for run in r['runs']}
+    assert [(d['step'], d['kept'], d['stopped']) for d in r['rungs']] == [
+        (2, ['a3_b0.1', 'a4_b0.1'], ['a1_b0.1', 'a2_b0.1']), (4, ['a4_b0.1'], ['a3_b0.1'])]
+    assert {name: (run['status'], run.get('stopped_at')) for name, run in runs.items()} == {
+        'a1_b0.1': ('stopped', 2), 'a2_b0.1': ('stopped', 2), 'a3_b0.1': ('stopped', 4), 'a4_b0.1': ('done', None)}
+    # A stopped point keeps its evaluations (and its files) but gets no further job.
+    assert [[e['step'] for e in runs[n]['evaluations']] for n in sorted(runs)] == [[2], [2], [2, 4], [2, 4, 6, 8]]
+    assert [runs[n]['images'] for n in sorted(runs)] == [2, 2, 4, 8]
+    assert not (workdir / 'round01' / 'a1_b0.1.to4.sh').exists() and not (workdir / 'round01' / 'a3_b0.1.sh').exists()
+    assert (r['chosen']['run'], r['chosen']['step'], r['chosen']['score']) == ('a4_b0.1', 8, pytest.approx(10 - 0.4 * 8))
+    # Cost: 16 images at 2.5, and 10 samples (the scripted evaluation) at 1 for 8 evaluations and the reference's.
+    assert r['cost'] == dict(train_images=16, evaluation_samples=90, reference_samples=0,
+                             mle_equivalents=pytest.approx(16 * 2.5 + 90))
+
+
+def test_halving_stops_exactly_the_worse_points_at_each_rung(tmp_path):
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    r = read_manifest(workdir)['rounds'][0]
+    _check_halving_round(workdir, r)
+    assert 'round 1 rung 2: kept a3_b0.1, a4_b0.1; stopped a1_b0.1, a2_b0.1' in result.output
+    report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
+    assert '| 9.8 (stopped at 2) | 9.6 (stopped at 2) | 8.8 (stopped at 4) | 6.8 |' in report
+
+
+def test_halving_on_slurm_submits_nothing_more_for_a_stopped_point(tmp_path, monkeypatch):
+    """On SLURM every stage's jobs are submitted together; a point stopped at a rung is never submitted again."""
+    state = install_fake_slurm(tmp_path, monkeypatch, run_jobs=True)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    config = halving_config(tmp_path, launcher=dict(kind='slurm', template=SLURM_TEMPLATE, poll_seconds=0.01,
+                                                    env={'PYTHONPATH': tests}))
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    _check_halving_round(workdir, read_manifest(workdir)['rounds'][0])
+    scripts = [os.path.relpath(line.split()[1], workdir) for line in (state / 'submitted').read_text().splitlines()]
+    assert scripts == ['round01/reference-evaluation.sh'] + [f'round01/a{a}_b0.1.to2.sh' for a in (1, 2, 3, 4)] + \
+        ['round01/a3_b0.1.to4.sh', 'round01/a4_b0.1.to4.sh', 'round01/a4_b0.1.sh']
+
+
+def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
+    config = halving_config(tmp_path, seconds=0.3)
+    args = [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir']
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                                    os.environ.get('PYTHONPATH')])))
+    subprocess.run(args + [str(tmp_path / 'whole')], env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script, status = killed / 'round01' / 'a3_b0.1.to4.sh', killed / 'round01' / 'a3_b0.1.to4.status'   # second rung
+    deadline = time.time() + 120
+    while not (script.exists() and not status.exists()) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert read_manifest(killed)['rounds'][0]['rungs'][0]['step'] == 2 and len(read_manifest(killed)['rounds'][0]['rungs']) == 1
+    subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
+    assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
+
+
+def test_carry_over_sweeps_the_neighbours_of_the_last_choice(tmp_path):
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, rounds=2, carry=True), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    first, second = read_manifest(workdir)['rounds']
+    assert len(first['points']) == 8 and first['chosen']['run'] == 'a4_b0.1'
+    assert second['points'] == [[3, 0.1], [3, 0.2], [4, 0.1], [4, 0.2]]   # alpha 3-4 (4 is the last), beta 0.1-0.2

@@ -105,9 +105,16 @@ def test_status_and_report(world, uninterrupted):
     chosen = uninterrupted['manifest']['rounds'][0]['chosen']
     # 2 runs x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 200% then 400% in all
     report = uninterrupted['manifest']['rounds'][0]['report']
-    assert rows[0].endswith(f'| {chosen["run"]} | {chosen["score"]:.4g} | no | {report["reference"]["score"]:.4g} | '
-                            f'{report["chosen"]["score"]:.4g} | 2048 | 100% | 200% |')
-    assert rows[1].endswith('| 2048 | 100% | 400% |')
+    assert (f'| {chosen["run"]} | {chosen["score"]:.4g} | no | {report["reference"]["score"]:.4g} | '
+            f'{report["chosen"]["score"]:.4g} | 2048 | 100% | 200% |') in rows[0]
+    # Cost in MLE-image equivalents: 2048 DDO images at 2.5, and every generated sample at 31/3 (16 Heun steps: 31
+    # network evaluations, a third of a training image each): 64 reference samples, 32 per evaluation of each run,
+    # of the reference, and of the reference and the chosen snapshot on the report seeds.
+    first = uninterrupted['manifest']['rounds'][0]['cost']
+    assert (first['train_images'], first['reference_samples'], first['evaluation_samples']) == (2048, 64, 5 * 32)
+    assert first['mle_equivalents'] == pytest.approx(2048 * 2.5 + (64 + 5 * 32) * 31 / 3)
+    assert rows[0].endswith(f'| {first["mle_equivalents"]:.4g} |')
+    assert '| 2048 | 100% | 400% |' in rows[1]   # round 2's reference and its report score are shared: cheaper
 
 
 def _kill_when(args, env, ready, log, timeout=180):

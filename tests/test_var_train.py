@@ -64,9 +64,12 @@ def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
     assert all(math.isfinite(r['Loss/grad_norm']) for r in log)
 
 
-def test_resume_continues_from_the_saved_iteration(files, tmp_path):
+@pytest.mark.parametrize('stop', [('--slice', '3'), ('--stop-at', '3')], ids=['slice', 'stop-at'])
+def test_resume_continues_from_the_saved_iteration(files, tmp_path, stop):
+    """A run left after iteration 3 (--slice: 3 iterations of this invocation; --stop-at: at iteration 3, as a rung
+    of a halving sweep) and continued ends with the weights of an uninterrupted run."""
     common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3')
-    assert train.main(argv(files, tmp_path / 'split', *common, '--slice', '3')) == 3
+    assert train.main(argv(files, tmp_path / 'split', *common, *stop)) == 3
     assert torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration'] == 3
     assert train.main(argv(files, tmp_path / 'split', *common)) == 4
     assert train.main(argv(files, tmp_path / 'whole', *common)) == 4

@@ -25,6 +25,7 @@ class RoundsBackend(Backend):
                      'label_drop', 'global_batch', 'batch_gpu', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd',
                      'grad_clip', 'amp', 'seed', 'log_every')
     evaluate_options = ('metric', 'samples', 'cfg', 'batch', 'best_by', 'report_seeds')
+    ddo_image_cost = 3.4   # measured with its online reference sampling: benchmarks/step_cost.py --backend var
     model_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z')   # var_ext.options
     file_options = ('vae',)
 
@@ -70,19 +71,31 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return json.load(f)['score']
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
         cfg = self.cfg
         evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'cfg', 'batch')}
         if 'best_by' in cfg.evaluate:
             evaluate['best_by'] = cfg.evaluate['best_by']
         args = ['--outdir', run_dir, '--ref', reference, '--ddo-alpha', str(alpha), '--ddo-beta', str(beta),
                 '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'],
-                '--no-initial-eval']
+                '--no-initial-eval'] + (['--stop-at', str(stop_at)] if stop_at else [])
         args += (['--data', cfg.data] if cfg.data else []) + option_args(evaluate) + option_args(options)
         return [Command('var_ext.train', args + self._root())]
 
-    def images_per_run(self, options) -> int:
-        return self.cfg.duration * int(options.get('global_batch', 1024))
+    def train_images(self, options, steps) -> int:
+        return steps * int(options.get('global_batch', 1024))
+
+    def _scales(self):
+        scale = self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG)
+        return [0.0] + ([scale] if scale else [])
+
+    def evaluation_samples(self, purpose) -> int:
+        return len(parse_seeds(self.evaluation_seeds(purpose))) * len(self._scales())   # an image per seed and scale
+
+    def sample_cost(self, kind) -> float:
+        """An estimate: a KV-cached pyramid costs about one forward pass over its tokens, a third of a training
+        image; a guided one twice that. Averaged over the evaluated scales."""
+        return sum(2 / 3 if scale else 1 / 3 for scale in self._scales()) / len(self._scales())
 
     def collect(self, run_dir) -> dict:
         """Only the best checkpoint is kept, so every evaluation names var-ddo-best.pth and only the best one is

@@ -73,6 +73,7 @@ def parse_args(argv=None):
     g.add_argument('--no-initial-eval', action='store_true', help='do not evaluate the starting model (the round manager scores the reference once per round)')
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
     g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
+    g.add_argument('--stop-at', metavar='INT', type=int, help='leave once iteration INT is done (a rung of a successive-halving sweep); rerun with a larger one, or none, to continue')
     g.add_argument('-n', '--dry-run', action='store_true', help='check the inputs, print the training options and exit')
     return p.parse_args(argv)
 
@@ -224,7 +225,8 @@ def main(argv=None):
         run.save(trainer, 0, best, also_best=True)
     iteration, done_here = start, 0
     for images_or_tokens, labels in itertools.chain([first], batches):
-        if iteration >= args.iterations or (args.slice is not None and done_here >= args.slice):
+        if iteration >= args.iterations or (args.slice is not None and done_here >= args.slice) or \
+                (args.stop_at is not None and iteration >= args.stop_at):
             break
         wp_it = args.warmup * args.iterations
         _, lr, _, _ = lr_control.lr_wd_annealing(args.schedule, trainer.base.var_opt.optimizer, args.lr, args.wd, args.wd,
@@ -254,7 +256,7 @@ def main(argv=None):
         if improved or iteration % args.eval_every == 0 or iteration == args.iterations:
             run.save(trainer, iteration, best, also_best=improved)
     if done_here and iteration % args.eval_every and iteration != args.iterations:
-        run.save(trainer, iteration, best)   # stopped early (--slice): keep what was done
+        run.save(trainer, iteration, best)   # stopped early (--slice, --stop-at): keep what was done
     barrier()
     return iteration
 

@@ -23,6 +23,7 @@ import os
 from typing import NamedTuple
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.seeds import parse_seeds
 
 
 class ReferenceSamples(NamedTuple):
@@ -48,6 +49,7 @@ class Backend:
     reference_sample_options = ()      # keys of [reference_samples]; empty: the backend samples online
     file_options = ()                  # [train] keys that name a file, resolved like paths of the config
     evaluate_file_options = ()         # [evaluate] keys that name a file (or a URL)
+    ddo_image_cost = 2.5               # MLE-image equivalents of one DDO training image (see ddo_patch.rounds.sweep)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -78,11 +80,28 @@ class Backend:
     def read_evaluation(self, path) -> float:
         raise NotImplementedError
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
+        """The job of one sweep point: train (to `stop_at` steps, a rung, or to the end of the round when None;
+        a later call with a larger one continues the same run), then evaluate what is new."""
         raise NotImplementedError
 
-    def images_per_run(self, options) -> int:
+    def train_images(self, options, steps) -> int:
+        """Real images a run has trained on after `steps` steps (run.duration's unit)."""
         raise NotImplementedError
+
+    def sample_cost(self, kind) -> float:
+        """MLE-image equivalents of one generated sample: kind 'reference' (reference samples), 'select', 'report'."""
+        raise NotImplementedError
+
+    def evaluation_samples(self, purpose) -> int:
+        """Samples one evaluation generates."""
+        return len(parse_seeds(self.evaluation_seeds(purpose)))
+
+    def evaluation_cost(self, purpose) -> float:
+        return self.evaluation_samples(purpose) * self.sample_cost(purpose)
+
+    def reference_sample_count(self, round_idx) -> int:
+        return 0
 
     def collect(self, run_dir) -> dict:
         """{'evaluations': [{'step', 'snapshot', 'score'}], 'error': None or why the run has no result}."""

@@ -13,6 +13,9 @@
     [sweep]                              # the grid alpha x beta, run in this order
     alpha = [0.5, 1, 2, 4, 6]
     beta = [0.01, 0.02, 0.05, 0.1]
+    policy = "halving"                   # optional: successive halving at these rungs (default "grid": all
+    rungs = ["800Ki", "1600Ki"]          # points run the whole round), keeping the better `keep` fraction;
+    keep = 0.5                           # carry = true: round n+1 sweeps round n's choice and its neighbours
 
     [train]                              # more options of the backend's train entry (its names)
     preset = "ddo-img64-s"
@@ -70,6 +73,7 @@ class RoundsConfig:
     eval_every: int
     alphas: list
     betas: list
+    sweep: dict                  # policy ('grid' or 'halving'), rungs (steps, increasing), keep, carry
     train: dict
     overrides: list              # [(from_round, {option: value})], sorted
     evaluate: dict
@@ -85,9 +89,6 @@ class RoundsConfig:
             if round_idx >= first:
                 options.update(values)
         return options
-
-    def sweep_points(self) -> list:
-        return [(alpha, beta) for alpha in self.alphas for beta in self.betas]
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -144,6 +145,31 @@ def _grid(path, sweep, name, minimum, open_min):
     if len(set(values)) != len(values):
         _fail(path, f'sweep.{name} lists a value twice: {values}')
     return list(values)
+
+
+def _sweep_policy(path, sweep, duration, eval_every) -> dict:
+    """[sweep] policy, rungs, keep, carry, checked (see ddo_patch.rounds.sweep)."""
+    policy = dict(policy=sweep.get('policy', 'grid'), rungs=[], keep=sweep.get('keep', 0.5), carry=sweep.get('carry', False))
+    if policy['policy'] not in ('grid', 'halving'):
+        _fail(path, f'unknown sweep.policy {policy["policy"]!r}; choose grid (every point runs the whole round) or halving')
+    if not isinstance(policy['carry'], bool):
+        _fail(path, f'sweep.carry must be true or false, got {policy["carry"]!r}')
+    if policy['policy'] == 'grid':
+        if 'rungs' in sweep or 'keep' in sweep:
+            _fail(path, 'sweep.rungs and sweep.keep are for policy = "halving"')
+        return policy
+    if not isinstance(sweep.get('rungs'), list) or not sweep['rungs']:
+        _fail(path, f'sweep.policy = "halving" needs sweep.rungs, the steps at which to compare points, e.g. '
+                    f'[{duration // 4}, {duration // 2}] (multiples of run.eval_every, below run.duration)')
+    policy['rungs'] = [_size(path, 'sweep.rungs value', value) for value in sweep['rungs']]
+    if any(b <= a for a, b in zip(policy['rungs'], policy['rungs'][1:])) or not 0 < policy['rungs'][0] or \
+            policy['rungs'][-1] >= duration or any(rung % eval_every for rung in policy['rungs']):
+        _fail(path, f'sweep.rungs must increase, be multiples of run.eval_every {eval_every} and lie below run.duration '
+                    f'{duration}, got {sweep["rungs"]}')
+    _number(path, 'sweep.keep', policy['keep'], 0, open_min=True)
+    if policy['keep'] >= 1:
+        _fail(path, f'sweep.keep is the fraction of points kept at each rung, in (0, 1), got {policy["keep"]}')
+    return policy
 
 
 def _size(path, where, value):
@@ -207,8 +233,9 @@ def parse(raw: dict, path: str) -> RoundsConfig:
         _fail(path, 'run.duration and run.eval_every must be >= 1')
 
     sweep = raw.get('sweep', {})
-    _known(path, sweep, 'sweep', ('alpha', 'beta'))
+    _known(path, sweep, 'sweep', ('alpha', 'beta', 'policy', 'rungs', 'keep', 'carry'))
     alphas, betas = _grid(path, sweep, 'alpha', 0, False), _grid(path, sweep, 'beta', 0, True)
+    policy = _sweep_policy(path, sweep, duration, eval_every)
 
     train = dict(raw.get('train', {}))
     _known(path, train, f'{backend.name} train', backend.train_options)
@@ -266,6 +293,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
         _check_file(path, 'upstream_root', upstream_root)
     cfg = RoundsConfig(source=os.path.abspath(path), backend=raw['backend'], rounds=rounds, pretrained=pretrained, data=data,
                        pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
+                       sweep=policy,
                        train=train, overrides=overrides, evaluate=evaluate, reference_samples=reference_samples,
                        stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
     cfg.make_backend().validate()

@@ -20,7 +20,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds import config as rounds_config
-from ddo_patch.rounds import manifest
+from ddo_patch.rounds import manifest, sweep
 from ddo_patch.rounds.backend import point_name
 from ddo_patch.rounds.launch import Job, command_line, make_launcher, read_status
 
@@ -56,12 +56,12 @@ def _start_manifest(workdir, cfg, backend) -> dict:
     return previous
 
 
-def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir) -> dict:
-    """The manifest entry of one finished job: its configuration, command lines, exit status, evaluations and
-    best snapshot (with its content hash), or why it failed."""
+def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, steps) -> dict:
+    """The manifest entry of one finished job (a sweep point trained to `steps`): its configuration, command lines,
+    exit status, evaluations and best snapshot (with its content hash), what it cost, or why it failed."""
     status = read_status(workdir, job)
-    record = dict(name=point_name(alpha, beta), alpha=alpha, beta=beta, options=options, run_dir=run_dir,
-                  images=backend.images_per_run(options), commands=[command_line(launcher, c) for c in job.commands],
+    record = dict(name=point_name(alpha, beta), alpha=alpha, beta=beta, options=options, run_dir=run_dir, job=job.path,
+                  images=backend.train_images(options, steps), commands=[command_line(launcher, c) for c in job.commands],
                   exit_status=status['exit_status'], wall_seconds=status['wall_seconds'], evaluations=[], best=None)
     result = backend.collect(os.path.join(workdir, run_dir)) if status['exit_status'] == 0 else \
         dict(evaluations=[], error=f'exit status {status["exit_status"]} (log: {job.file("log")})')
@@ -72,6 +72,7 @@ def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir) 
         record['evaluations'] = [dict(e, snapshot=os.path.relpath(e['snapshot'], workdir)) for e in result['evaluations']]
         best = min(record['evaluations'], key=lambda e: (e['score'], e['step']))   # ties: the earlier snapshot
         record['best'] = dict(best, sha256=manifest.sha256(os.path.join(workdir, best['snapshot'])))
+    record['evaluation_samples'] = len(record['evaluations']) * backend.evaluation_samples('select')
     return record
 
 
@@ -82,7 +83,7 @@ def _choose(record) -> dict:
     """The round's best snapshot. A sweep point must beat the reference (evaluated once per round, step 0) to be
     chosen; ties go to the reference, then to the earlier sweep point in (alpha, beta) order, then the earlier step."""
     reference = record['reference_evaluation']
-    best = min([r for r in record['runs'] if r['status'] == 'done'],
+    best = min([r for r in record['runs'] if r['best'] is not None],   # done, or stopped at a rung
                key=lambda r: (r['best']['score'], r['alpha'], r['beta'], r['best']['step']))
     if best['best']['score'] < reference['score']:
         return dict(run=best['name'], **best['best'])
@@ -143,7 +144,8 @@ class _Evaluation:
         if not math.isfinite(score):
             raise DDOPatchError(f'round {self.record["round"]}: {self.backend.metric_label()} of {self.snapshot} is {score}; '
                                 f'see {os.path.join(workdir, self.dest)}')
-        return dict(score=score, source='evaluated', snapshot=self.snapshot, seeds=self.backend.evaluation_seeds(self.purpose),
+        return dict(score=score, source='evaluated', snapshot=self.snapshot, purpose=self.purpose,
+                    seeds=self.backend.evaluation_seeds(self.purpose),
                     command=command_line(self.cfg.launcher, self.command), **status)
 
 
@@ -201,7 +203,72 @@ def _forget_failed(workdir, record):
     """Drop the failed runs of an unfinished round, so that they run again (they resume where they can)."""
     for run in [r for r in record['runs'] if r['status'] == 'failed']:
         record['runs'].remove(run)
-        os.remove(os.path.join(workdir, f'{run["run_dir"]}.status'))
+        os.remove(os.path.join(workdir, f'{run["job"]}.status'))
+
+
+def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
+    """Train and evaluate the round's sweep points, stage by stage (`ddo_patch.rounds.sweep`: one stage for the grid;
+    for halving each rung, then the end); False while jobs are queued. Every rung decision goes into the
+    manifest as it is made, so a rerun continues with the same points."""
+    options = cfg.round_options(record['round'])
+    if record['points'] is None:
+        record['points'] = [list(point) for point in sweep.round_points(cfg, _previous_round(m, record))]
+        save()
+    active = [tuple(point) for point in record['points']]
+    for target in sweep.stages(cfg):
+        decision = next((d for d in record['rungs'] if d['step'] == target), None)
+        if decision is not None:
+            active = [point for point in active if point_name(*point) in decision['kept']]
+            continue
+        final = target == cfg.duration
+        recorded = {run['name'] for run in record['runs']}   # done, failed, or stopped at a rung
+        jobs = {}
+        for alpha, beta in [point for point in active if point_name(*point) not in recorded]:
+            name, run_dir = point_name(alpha, beta), f'{record["dir"]}/{point_name(alpha, beta)}'
+            job = Job(name=f'{record["dir"]}-{name}' + ('' if final else f'-to{target}'),
+                      path=run_dir if final else f'{run_dir}.to{target}',
+                      commands=backend.run_commands(record['round'], run_dir, record['reference']['path'], fake, alpha, beta,
+                                                    options, stop_at=None if final else target))
+            jobs[job.name] = (job, alpha, beta, run_dir)
+
+        def finished(job):
+            job, alpha, beta, run_dir = jobs[job.name]
+            return _run_record(workdir, backend, cfg.launcher, job, alpha, beta, options, run_dir, target)
+
+        if final:
+            def on_done(job):
+                run = finished(job)
+                _add_run(record, run, backend)
+                save()
+            return not jobs or launcher.run([job for job, *_ in jobs.values()], on_done)
+        todo = [job for job, *_ in jobs.values() if read_status(workdir, job) is None]
+        if todo and not launcher.run(todo, on_done=lambda _: None):
+            return False
+        runs = [finished(job) for job, *_ in jobs.values()]
+        for run in runs:
+            if run['status'] == 'failed':
+                _add_run(record, run, backend)
+        scores = {run['name']: (run['best']['score'], run['alpha'], run['beta']) for run in runs if run['status'] == 'done'}
+        kept = sweep.survivors(scores, cfg.sweep['keep']) if scores else []
+        for run in runs:
+            if run['status'] == 'done' and run['name'] not in kept:
+                _add_run(record, dict(run, status='stopped', stopped_at=target), backend)
+        record['rungs'].append(dict(step=target, scores={name: score[0] for name, score in scores.items()}, kept=kept,
+                                    stopped=sorted(set(scores) - set(kept), key=lambda name: scores[name][1:])))
+        save()
+        print(f'round {record["round"]} rung {target}: kept {", ".join(kept) or "none"}; '
+              f'stopped {", ".join(record["rungs"][-1]["stopped"]) or "none"}', flush=True)
+        active = [point for point in active if point_name(*point) in kept]
+    return True
+
+
+def _add_run(record, run, backend):
+    record['runs'].append(run)
+    record['runs'].sort(key=lambda r: (r['alpha'], r['beta']))
+    where = f' at {run["stopped_at"]}' if run['status'] == 'stopped' else ''
+    print(f'round {record["round"]} {run["name"]}: {run["status"]}{where}' +
+          (f', best {backend.metric_label()} {run["best"]["score"]:.4g} at step {run["best"]["step"]}' if run['best'] else
+           f' ({run["error"]})'), flush=True)
 
 
 def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool:
@@ -213,30 +280,10 @@ def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool
     save()
     if fake is False:
         return False
-    options = cfg.round_options(record['round'])
-    jobs, pending = {}, []
-    for alpha, beta in cfg.sweep_points():
-        run_dir = f'{record["dir"]}/{point_name(alpha, beta)}'
-        job = Job(name=f'{record["dir"]}-{point_name(alpha, beta)}', path=run_dir,
-                  commands=backend.run_commands(record['round'], run_dir, record['reference']['path'], fake, alpha, beta, options))
-        jobs[job.name] = (job, alpha, beta, run_dir)
-        if not any(r['name'] == point_name(alpha, beta) for r in record['runs']):
-            pending.append(job)
-
-    def on_done(job):
-        job, alpha, beta, run_dir = jobs[job.name]
-        run = _run_record(workdir, backend, cfg.launcher, job, alpha, beta, options, run_dir)
-        record['runs'].append(run)
-        record['runs'].sort(key=lambda r: (r['alpha'], r['beta']))
-        save()
-        print(f'round {record["round"]} {run["name"]}: {run["status"]}' +
-              (f', best {backend.metric_label()} {run["best"]["score"]:.4g} at step {run["best"]["step"]}' if run['best'] else
-               f' ({run["error"]})'), flush=True)
-
-    if pending and not launcher.run(pending, on_done):
+    if not _sweep(workdir, cfg, backend, launcher, m, record, fake, save):
         save()
         return False
-    if not any(r['status'] == 'done' for r in record['runs']):
+    if not any(r['best'] is not None for r in record['runs']):
         m['status'], m['stop_reason'] = 'failed', f'every run of round {record["round"]} failed'
         save()
         raise DDOPatchError(f'round {record["round"]}: all {len(record["runs"])} runs failed (' +
@@ -249,6 +296,7 @@ def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool
     if not _report(workdir, cfg, backend, launcher, m, record):
         save()
         return False
+    record['cost'] = sweep.round_cost(backend, record)
     record['status'] = 'done'
     save()
     return True
@@ -274,8 +322,9 @@ def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> 
             reference = dict(path=previous['snapshot'], sha256=previous['sha256'], promoted_from=previous['run']) if previous \
                 else dict(path=cfg.pretrained, sha256=manifest.sha256(cfg.pretrained), promoted_from=None)
             m['rounds'].append(dict(round=round_idx, dir=round_dir(round_idx), status='running', reference=reference,
-                                    reference_samples=None, reference_evaluation=None, runs=[], chosen=None,
-                                    reference_score=None, improvement=None, stalled=None, report=None))
+                                    reference_samples=None, reference_evaluation=None, points=None, rungs=[], runs=[],
+                                    chosen=None, reference_score=None, improvement=None, stalled=None, report=None,
+                                    cost=None))
             os.makedirs(os.path.join(workdir, round_dir(round_idx)), exist_ok=True)
             manifest.save(workdir, m)
         record = m['rounds'][round_idx - 1]

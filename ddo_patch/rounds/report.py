@@ -24,18 +24,19 @@ def _score(value):
 def status_lines(workdir) -> list:
     m = load(workdir)
     cfg = m['config']
-    points = len(cfg['alphas']) * len(cfg['betas'])
     lines = [f'{workdir}: {m["status"]}' + (f' ({m["stop_reason"]})' if m['stop_reason'] else '') +
-             f'; backend {m["backend"]}, {len(m["rounds"])} of at most {cfg["rounds"]} rounds started, '
-             f'{points} sweep points per round']
+             f'; backend {m["backend"]}, {len(m["rounds"])} of at most {cfg["rounds"]} rounds started, sweep '
+             f'{cfg["sweep"]["policy"]} over {len(cfg["alphas"]) * len(cfg["betas"])} points']
     for r in m['rounds']:
+        points = len(r['points']) if r['points'] else len(cfg['alphas']) * len(cfg['betas'])
         done = sum(run['status'] == 'done' for run in r['runs'])
         failed = sum(run['status'] == 'failed' for run in r['runs'])
+        stopped = sum(run['status'] == 'stopped' for run in r['runs'])
         chosen = (f'reference {_score(r["reference_score"])}, chosen {r["chosen"]["run"]} step {r["chosen"]["step"]}: '
                   f'{_score(r["chosen"]["score"])}' + (' (stalled)' if r['stalled'] else '') +
                   (f'; report seeds {_score(r["report"]["chosen"]["score"])}' if r.get('report') else '')) if r['chosen'] else ''
-        lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, '
-                     f'pending {points - done - failed}  {chosen}')
+        lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, ' +
+                     (f'stopped {stopped}, ' if stopped else '') + f'pending {points - done - failed - stopped}  {chosen}')
         lines += [f'      {run["name"]}: failed: {run["error"]}' for run in r['runs'] if run['status'] == 'failed']
     running = manifest.read_json(os.path.join(workdir, RUNNING))
     if running and m['status'] == 'running':
@@ -44,13 +45,15 @@ def status_lines(workdir) -> list:
 
 
 def cost_rows(m) -> list:
-    """Per round: images seen by all its finished runs, by the chosen run alone, and cumulatively."""
+    """Per round: images seen by all its runs, by the chosen run alone, and cumulatively; MLE-image equivalents of
+    everything the round ran (training, sampling, evaluation; `ddo_patch.rounds.sweep`), when it is done."""
     total, rows = 0, []
     for r in m['rounds']:
         seen = sum(run['images'] for run in r['runs'])
         total += seen
         chosen = next((run['images'] for run in r['runs'] if r['chosen'] and run['name'] == r['chosen']['run']), 0)
-        rows.append(dict(round=r['round'], round_images=seen, chosen_images=chosen, cumulative_images=total))
+        rows.append(dict(round=r['round'], round_images=seen, chosen_images=chosen, cumulative_images=total,
+                         mle_equivalents=(r.get('cost') or {}).get('mle_equivalents')))
     return rows
 
 
@@ -61,19 +64,20 @@ def table(m) -> str:
     reported = any(r.get('report') for r in m['rounds'])
     header = (['round', 'reference score'] + names + ['chosen', 'best', 'stalled'] +
               (['report: reference', 'report: chosen'] if reported else []) +
-              ['images (round)', 'per run vs pretraining', 'cumulative vs pretraining'])
+              ['images (round)', 'per run vs pretraining', 'cumulative vs pretraining', 'cost (MLE-image eq.)'])
     rows = []
     for r, cost in zip(m['rounds'], cost_rows(m)):
         by_name = {run['name']: run for run in r['runs']}
-        cells = [_score(by_name[n]['best']['score']) if n in by_name and by_name[n]['best'] else
-                 ('failed' if n in by_name else '') for n in names]
+        cells = [('' if n not in by_name else 'failed' if not by_name[n]['best'] else _score(by_name[n]['best']['score']) +
+                  (f' (stopped at {by_name[n]["stopped_at"]})' if by_name[n]['status'] == 'stopped' else '')) for n in names]
         report = r.get('report') or {}
         rows.append([str(r['round']), _score(r['reference_score'])] + cells +
                     [r['chosen']['run'] if r['chosen'] else '', _score(r['chosen']['score'] if r['chosen'] else None),
                      {True: 'yes', False: 'no'}.get(r.get('stalled'), '')] +
                     ([_score(report.get('reference', {}).get('score')), _score(report.get('chosen', {}).get('score'))]
                      if reported else []) +
-                    [str(cost['round_images']), pct(cost['chosen_images']), pct(cost['cumulative_images'])])
+                    [str(cost['round_images']), pct(cost['chosen_images']), pct(cost['cumulative_images']),
+                     '-' if cost['mle_equivalents'] is None else f'{cost["mle_equivalents"]:.4g}'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |' for row in rows]
     note = ('\nScores select on the evaluation seeds (a sweep point is chosen only if it beats the reference); '
             '"report" columns score the same snapshots on seeds that selected nothing.\n' if reported else '')
