@@ -12,6 +12,7 @@ import time
 
 from ddo_patch.rounds.backend import Backend, Command
 
+
 def _alpha_3_crashes(reference, alpha, beta, step):
     if alpha == 3:
         raise RuntimeError('scripted crash: alpha 3')
