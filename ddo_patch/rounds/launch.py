@@ -229,13 +229,16 @@ class SlurmLauncher:
     def run(self, jobs, on_done):
         pending = list(jobs)
         while pending:
+            # squeue first, the status files after: a job that ends in between is read back, not submitted again
             states = self._states([job for job in pending if read_status(self.workdir, job) is None])
             for job in list(pending):
                 job_id = self._job_id(job)
                 state = None if states is None or job_id is None else states.get(job_id, 'not listed by squeue')
-                if read_status(self.workdir, job) is None and state in SLURM_FAILED:
+                status = read_status(self.workdir, job)
+                if status is None and state in SLURM_FAILED:
                     _write_status(self.workdir, job, None, f'SLURM job {job_id} {state} before writing its status')
-                if read_status(self.workdir, job) is not None:
+                    status = read_status(self.workdir, job)
+                if status is not None:
                     pending.remove(job)
                     on_done(job)
                 elif states is not None and state not in SLURM_ACTIVE:   # never submitted, lost, or out of time
