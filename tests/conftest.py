@@ -2,6 +2,8 @@
 points do (`--edm2-root`/`EDM2_ROOT`/cache, likewise for VAR) and are skipped, with the reason printed
 (`-rs`), when none is found: run `ddo-patch fetch edm2` / `ddo-patch fetch var` to enable them."""
 
+import os
+
 import pytest
 
 from ddo_patch import upstream
@@ -23,3 +25,14 @@ def edm2_root():
 @pytest.fixture(scope='session')
 def var_root():
     return _root_or_skip('var')
+
+
+@pytest.fixture(scope='session')
+def world(edm2_root, tmp_path_factory):
+    """The tiny EDM2 world of `python -m edm2_ext.example` (8x8 data, an MLE snapshot, its statistics), for the
+    round-manager tests: paths, and the environment their manager runs with."""
+    from edm2_ext.example import make_example
+    root = tmp_path_factory.mktemp('rounds-edm2')
+    paths = make_example(str(root / 'tiny'), edm2_root)
+    env = dict(os.environ, DDO_TINY=str(root / 'tiny'), EDM2_ROOT=str(edm2_root))
+    return dict(root=root, env=env, **paths)

@@ -12,9 +12,17 @@ import time
 
 from ddo_patch.rounds.backend import Backend, Command
 
+
+def _alpha_3_crashes(reference, alpha, beta, step):
+    if alpha == 3:
+        raise RuntimeError('scripted crash: alpha 3')
+    return LAWS['alpha_helps'](reference, alpha, beta, step)
+
+
 LAWS = {
     'never': lambda reference, alpha, beta, step: reference + 0.5 * step,          # every step is worse
     'alpha_helps': lambda reference, alpha, beta, step: reference - 0.1 * alpha * step,
+    'alpha_3_crashes': _alpha_3_crashes,   # alpha_helps, but the job of a point with alpha 3 fails
 }
 
 

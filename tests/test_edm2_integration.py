@@ -144,6 +144,25 @@ def test_sigkilled_run_resumes(pipeline, edm2_root, tmp_path):
     assert state['state']['cur_nimg'] == 2048 and state['loss_fn'] == {'fake_nimg': 2048}
 
 
+def assert_same_final_weights(run_dir, other_dir):
+    """The kimg-2 snapshots of two runs hold the same EMA weights, bit for bit."""
+    name = 'network-snapshot-0000002-0.050.pkl'
+    with open(os.path.join(run_dir, name), 'rb') as f, open(os.path.join(other_dir, name), 'rb') as g:
+        ours, theirs = pickle.load(f)['ema'].state_dict(), pickle.load(g)['ema'].state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_resumed_run_has_exactly_the_weights_of_an_uninterrupted_one(pipeline, edm2_root, tmp_path):
+    """The pipeline's run stopped at its 1Ki checkpoint and resumed (as after a preemption); the same command without
+    --slice runs 0 -> 2Ki in one go. Same weights, bit for bit: the resumed run's noise is the uninterrupted one's
+    (the reference-sample loader is opened without drawing from the RNG upstream reseeds every step)."""
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'whole')
+    args[args.index('--slice') + 1] = '0'
+    assert 'Training from 0 kimg to 2 kimg' in run(args, edm2_root, tmp_path).stdout
+    assert_same_final_weights(out, pipeline['ddo'])
+
+
 def test_a_run_stopped_at_a_rung_continues_as_if_never_stopped(pipeline, edm2_root, tmp_path):
     """A halving rung trains with --duration = the rung; the next stage reruns with the round's --duration and
     resumes there. EDM2's learning rate and EMA do not depend on the total, so the weights equal the pipeline's
@@ -155,10 +174,7 @@ def test_a_run_stopped_at_a_rung_continues_as_if_never_stopped(pipeline, edm2_ro
     run(args, edm2_root, tmp_path)
     args[args.index('--duration') + 1] = '2048'
     assert 'Training from 1 kimg to 2 kimg' in run(args, edm2_root, tmp_path).stdout
-    name = 'network-snapshot-0000002-0.050.pkl'
-    with open(os.path.join(out, name), 'rb') as f, open(os.path.join(pipeline['ddo'], name), 'rb') as g:
-        ours, theirs = pickle.load(f)['ema'].state_dict(), pickle.load(g)['ema'].state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert_same_final_weights(out, pipeline['ddo'])
 
 
 def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path):

@@ -17,7 +17,7 @@ from ddo_patch.rounds import manifest
 from ddo_patch.cli import main
 from ddo_patch.rounds.manager import _stalled, _stop_reason
 from edm2_ext.presets import resolve
-from rounds_helpers import cli_runner, comparable, install_fake_slurm, read_manifest, write_config
+from rounds_helpers import check_halving_round, cli_runner, comparable, halving_config, install_fake_slurm, read_manifest, write_config
 
 EDM2 = 'edm2_ext.rounds_backend.RoundsBackend'
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -168,7 +168,7 @@ def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, mo
     assert f'#SBATCH --output={workdir}/round01/reference-samples.log' in script
     assert 'export NCCL_DEBUG=WARN' in script and 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     assert ('srun --ntasks-per-node=1' in script and '-m torch.distributed.run --nnodes=2 --nproc_per_node=8 '
-            '--rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:29500" -m edm2_ext.generate' in script)
+            '--rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_node:$rdzv_port" -m edm2_ext.generate' in script)
     reference_evaluation = (workdir / 'round01' / 'reference-evaluation.sh').read_text()
     assert f'-m edm2_ext.evaluate --net {files / "ref.pkl"} --ref {files / "stats.pkl"}' in reference_evaluation
     assert cli_runner().invoke(main, cli).exit_code == 0   # still queued: nothing submitted again
@@ -304,41 +304,12 @@ def test_the_best_sweep_point_is_promoted_when_it_beats_the_reference(tmp_path):
     assert first['improvement'] == pytest.approx(0.8) and not first['stalled']
 
 
-def halving_config(tmp_path, rounds=1, carry=False, seconds=0.0, launcher=None):
-    """Four points a1..a4 on the scripted law 'alpha_helps' (larger alpha, lower score at every step), 8 steps with
-    an evaluation every 2, rungs at 2 and 4, half kept at each: a1, a2 stop at 2; a3 at 4; a4 runs to the end."""
-    (tmp_path / 'pretrained.json').write_text('{"score": 10.0}')
-    tests = os.path.dirname(os.path.abspath(__file__))
-    sweep = dict(alpha=[1, 2, 3, 4], beta=[0.1, 0.2] if carry else [0.1], policy='halving', rungs=[2, 4], keep=0.5, carry=carry)
-    return write_config(tmp_path / 'halving.toml', dict(backend='scripted_backend.ScriptedBackend', rounds=rounds,
-                                                        pretrained='pretrained.json'),
-                        dict(run=dict(duration=8, eval_every=2), sweep=sweep, train=dict(law='alpha_helps', seconds=seconds),
-                             evaluate=dict(metric='score'),
-                             launcher=launcher or dict(kind='local', env={'PYTHONPATH': tests})))
-
-
-def _check_halving_round(workdir, r):
-    runs = {run['name']: run for run in r['runs']}
-    assert [(d['step'], d['kept'], d['stopped']) for d in r['rungs']] == [
-        (2, ['a3_b0.1', 'a4_b0.1'], ['a1_b0.1', 'a2_b0.1']), (4, ['a4_b0.1'], ['a3_b0.1'])]
-    assert {name: (run['status'], run.get('stopped_at')) for name, run in runs.items()} == {
-        'a1_b0.1': ('stopped', 2), 'a2_b0.1': ('stopped', 2), 'a3_b0.1': ('stopped', 4), 'a4_b0.1': ('done', None)}
-    # A stopped point keeps its evaluations (and its files) but gets no further job.
-    assert [[e['step'] for e in runs[n]['evaluations']] for n in sorted(runs)] == [[2], [2], [2, 4], [2, 4, 6, 8]]
-    assert [runs[n]['images'] for n in sorted(runs)] == [2, 2, 4, 8]
-    assert not (workdir / 'round01' / 'a1_b0.1.to4.sh').exists() and not (workdir / 'round01' / 'a3_b0.1.sh').exists()
-    assert (r['chosen']['run'], r['chosen']['step'], r['chosen']['score']) == ('a4_b0.1', 8, pytest.approx(10 - 0.4 * 8))
-    # Cost: 16 images at 2.5, and 10 samples (the scripted evaluation) at 1 for 8 evaluations and the reference's.
-    assert r['cost'] == dict(train_images=16, evaluation_samples=90, reference_samples=0,
-                             mle_equivalents=pytest.approx(16 * 2.5 + 90))
-
-
 def test_halving_stops_exactly_the_worse_points_at_each_rung(tmp_path):
     workdir = tmp_path / 'work'
     result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path), '--workdir', str(workdir)])
     assert result.exit_code == 0, result.output + result.stderr
     r = read_manifest(workdir)['rounds'][0]
-    _check_halving_round(workdir, r)
+    check_halving_round(workdir, r)
     assert 'round 1 rung 2: kept a3_b0.1, a4_b0.1; stopped a1_b0.1, a2_b0.1' in result.output
     report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
     assert '| 9.8 (stopped at 2) | 9.6 (stopped at 2) | 8.8 (stopped at 4) | 6.8 |' in report
@@ -353,7 +324,7 @@ def test_halving_on_slurm_submits_nothing_more_for_a_stopped_point(tmp_path, mon
     workdir = tmp_path / 'work'
     result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
     assert result.exit_code == 0, result.output + result.stderr
-    _check_halving_round(workdir, read_manifest(workdir)['rounds'][0])
+    check_halving_round(workdir, read_manifest(workdir)['rounds'][0])
     scripts = [os.path.relpath(line.split()[1], workdir) for line in (state / 'submitted').read_text().splitlines()]
     assert scripts == ['round01/reference-evaluation.sh'] + [f'round01/a{a}_b0.1.to2.sh' for a in (1, 2, 3, 4)] + \
         ['round01/a3_b0.1.to4.sh', 'round01/a4_b0.1.to4.sh', 'round01/a4_b0.1.sh']

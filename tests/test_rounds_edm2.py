@@ -4,54 +4,22 @@ mid-evaluation that ends with the same manifest, a sweep point with a NaN loss, 
 The manager runs as a subprocess, exactly as users run it."""
 
 import hashlib
-import os
 import pickle
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-
-from rounds_helpers import comparable, read_manifest
+from rounds_helpers import (
+    TINY_CONFIG,
+    comparable,
+    manager,
+    read_manifest,
+    run_manager,
+    variant,
+)
 
 pytestmark = pytest.mark.upstream
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny-cpu-edm2.toml')
-
-
-@pytest.fixture(scope='module')
-def world(edm2_root, tmp_path_factory):
-    from edm2_ext.example import make_example
-    root = tmp_path_factory.mktemp('rounds-edm2')
-    paths = make_example(str(root / 'tiny'), edm2_root)
-    env = dict(os.environ, DDO_TINY=str(root / 'tiny'), EDM2_ROOT=str(edm2_root))
-    return dict(root=root, env=env, **paths)
-
-
-def manager(world, config, workdir, *command):
-    return [sys.executable, '-m', 'ddo_patch.cli', 'rounds', *(command or ('run',)), *([config] if config else []),
-            *(['--workdir'] if config else []), str(workdir)]
-
-
-def run_manager(world, config, workdir, check=True):
-    proc = subprocess.run(manager(world, config, workdir), env=world['env'], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'rounds run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def variant(world, name, **replacements):
-    """The shipped tiny config with some lines replaced."""
-    text = open(TINY_CONFIG).read()
-    for old, new in replacements.items():
-        assert old in text
-        text = text.replace(old, new)
-    path = world['root'] / name
-    path.write_text(text)
-    return str(path)
-
 
 @pytest.fixture(scope='module')
 def uninterrupted(world):
@@ -156,6 +124,9 @@ def test_sigkilled_manager_resumes_to_the_same_manifest(world, uninterrupted, ed
     run_manager(world, TINY_CONFIG, workdir)
     resumed = read_manifest(workdir)
     assert comparable(resumed) == comparable(uninterrupted['manifest'])   # every score, choice and command
+    # and the manifest counts what was interrupted: the first round's samples once, a1 in training and in evaluation
+    assert [r['reference_samples']['interruptions'] for r in resumed['rounds']] == [1, 0]
+    assert [[run['interruptions'] for run in r['runs']] for r in resumed['rounds']] == [[2, 0], [0, 0]]
     for r in resumed['rounds']:   # and every run's best snapshot has exactly the weights of the uninterrupted one
         for run in r['runs']:
             best = run['best']['snapshot']

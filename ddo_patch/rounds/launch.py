@@ -6,6 +6,16 @@ that runs its commands through the codebase's native launcher and, whatever happ
 that file only, so a manager killed at any moment finds out on its rerun what finished, and a job
 that did not finish is simply run again: every command in it resumes (upstream checkpoints, skipped
 finished samples and snapshots) or is skipped when its output is complete (`Command.done_if`).
+Every start of a job adds a line to `<job>.starts`, so the status also says how often it was interrupted
+(a manager killed mid-job, a SLURM requeue or resubmission) before the attempt that finished.
+
+On SLURM (tested against Slurm 22.05, tests/test_rounds_slurm.py) the launcher itself chooses what the
+manager depends on: the log path (`--output`, appended to, so that a requeued job keeps its first
+attempt's log), `--requeue` (preemption puts the job back in the queue under the same id) and `--nodes`
+(what torchrun is told). A job that ends without writing its status is told apart by its state in
+`squeue -t all`: cancelled or failed (someone's decision or a fault that recurs) is recorded as failed,
+with the log path; out of time, preempted without requeue, node failure, or no longer listed (Slurm forgets
+ended jobs after MinJobAge) is submitted again and resumes.
 """
 
 from __future__ import annotations
@@ -33,22 +43,28 @@ RUNNING = '.running.json'
 @dataclasses.dataclass
 class Job:
     name: str                   # unique in the work directory, e.g. round01-a2_b0.05
-    path: str                   # prefix of its files, relative to the work directory: .sh .log .status .job
+    path: str                   # prefix of its files, relative to the work directory: .sh .log .status .starts .job
     commands: list
 
     def file(self, suffix):
         return f'{self.path}.{suffix}'
 
 
+def _one_process(launcher) -> bool:
+    return launcher['nodes'] == 1 and launcher['nproc_per_node'] == 1   # one process needs no torchrun
+
+
 def launch_prefix(launcher: dict) -> str:
     """What goes before `-m MODULE ARGS`: python itself, or torchrun (which takes -m too), as a shell fragment."""
     python = shlex.quote(sys.executable)
     if launcher['kind'] == 'slurm':
+        if _one_process(launcher):
+            return f'srun --ntasks-per-node=1 {python}'
         return (f'srun --ntasks-per-node=1 {python} -m torch.distributed.run --nnodes={launcher["nodes"]} '
                 f'--nproc_per_node={launcher["nproc_per_node"]} --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" '
-                f'--rdzv_endpoint="$head_node:29500"')
-    if launcher['nproc_per_node'] == 1:
-        return python   # one process needs no torchrun
+                f'--rdzv_endpoint="$head_node:$rdzv_port"')
+    if _one_process(launcher):
+        return python
     return f'{python} -m torch.distributed.run --standalone --nproc_per_node={launcher["nproc_per_node"]}'
 
 
@@ -59,15 +75,19 @@ def command_line(launcher, command: Command) -> str:
 
 def job_script(workdir, launcher: dict, job: Job) -> str:
     status, tmp = shlex.quote(job.file('status')), shlex.quote(job.file('status') + '.tmp')
+    starts = shlex.quote(job.file('starts'))
     lines = [f'cd {shlex.quote(os.path.abspath(workdir))}']
     lines += [f'export {key}={shlex.quote(value)}' for key, value in launcher['env'].items()]
-    if launcher['kind'] == 'slurm':
-        lines.append('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
-    lines += ['start=$SECONDS', 'rc=0']
+    if launcher['kind'] == 'slurm' and not _one_process(launcher):
+        lines += ['head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                  'rdzv_port=$((29500 + SLURM_JOB_ID % 10000))   # two jobs on one node must not share a port']
+    lines += [f'echo "$(date -u +%FT%TZ) job ${{SLURM_JOB_ID:-local}} restart ${{SLURM_RESTART_COUNT:-0}}" >> {starts}',
+              'start=$SECONDS', 'rc=0']
     for command in job.commands:
         skip = f' && [ ! -e {shlex.quote(command.done_if)} ]' if command.done_if else ''
         lines += [f'if [ $rc -eq 0 ]{skip}; then', f'  {command_line(launcher, command)}', '  rc=$?', 'fi']
-    lines += [f'printf \'{{"exit_status": %d, "wall_seconds": %d}}\\n\' "$rc" "$((SECONDS - start))" > {tmp} && mv {tmp} {status}',
+    lines += [(f'printf \'{{"exit_status": %d, "wall_seconds": %d, "interruptions": %d}}\\n\' "$rc" "$((SECONDS - start))" '
+               f'"$(($(wc -l < {starts}) - 1))" > {tmp} && mv {tmp} {status}'),
               'exit $rc']
     fields = dict(job_name=job.name, nodes=str(launcher['nodes']), nproc_per_node=str(launcher['nproc_per_node']),
                   log=os.path.abspath(os.path.join(workdir, job.file('log'))), commands='\n'.join(lines))
@@ -79,6 +99,29 @@ def job_script(workdir, launcher: dict, job: Job) -> str:
 
 def read_status(workdir, job: Job) -> dict | None:
     return manifest.read_json(os.path.join(workdir, job.file('status')))
+
+
+def _write_status(workdir, job, exit_status, reason=None):
+    """The status of a job that could not write its own (killed before its last line): how it ended, per the launcher."""
+    starts = os.path.join(workdir, job.file('starts'))
+    interruptions = 0
+    if os.path.exists(starts):   # not when it was cancelled before it started
+        with open(starts) as f:
+            interruptions = len(f.readlines()) - 1
+    manifest.write_json(os.path.join(workdir, job.file('status')),
+                        dict(exit_status=exit_status, wall_seconds=0, interruptions=interruptions, reason=reason))
+
+
+def outcome(status) -> str:
+    """How a job ended, in words: its exit status, or why it has none."""
+    return status.get('reason') or f'exit status {status["exit_status"]}'
+
+
+def forget(workdir, job) -> None:
+    """Make a finished job unfinished, so that it runs again (its interruptions count from zero)."""
+    for suffix in ('status', 'starts'):
+        if os.path.exists(os.path.join(workdir, job.file(suffix))):
+            os.remove(os.path.join(workdir, job.file(suffix)))
 
 
 def _write_script(workdir, launcher, job) -> str:
@@ -129,42 +172,78 @@ class LocalLauncher:
                     os.killpg(proc.pid, signal.SIGKILL)
                     raise
             if read_status(self.workdir, job) is None:   # bash itself was killed before it could write it
-                manifest.write_json(os.path.join(self.workdir, job.file('status')), dict(exit_status=rc, wall_seconds=0))
+                _write_status(self.workdir, job, rc)
             os.remove(os.path.join(self.workdir, RUNNING))
             on_done(job)
         return True
 
 
+# squeue states of a job that has not ended (a requeued job is PENDING again, under the same id).
+SLURM_ACTIVE = {'PENDING', 'CONFIGURING', 'RUNNING', 'COMPLETING', 'SUSPENDED', 'REQUEUED', 'REQUEUE_HOLD', 'REQUEUE_FED',
+                'RESIZING', 'SIGNALING', 'STAGE_OUT', 'STOPPED', 'SPECIAL_EXIT', 'RESV_DEL_HOLD'}
+# Ended without a status by someone's decision or by a fault that would recur: the job failed. Any other end
+# (TIMEOUT, PREEMPTED, NODE_FAIL, no longer listed) is submitted again and resumes.
+SLURM_FAILED = {'CANCELLED', 'FAILED', 'OUT_OF_MEMORY', 'BOOT_FAIL', 'DEADLINE'}
+
+
+def _last_line(text) -> str:
+    return (text.strip().splitlines() or ['no output'])[-1]
+
+
 class SlurmLauncher:
-    """Submits every job with sbatch, then (unless told not to wait) polls the run directories."""
+    """Submits every job with sbatch, then (unless told not to wait) polls the run directories and `squeue`."""
 
     def __init__(self, workdir, launcher, wait=True):
         self.workdir, self.launcher, self.wait = workdir, launcher, wait
 
     def _submit(self, job):
         script = _write_script(self.workdir, self.launcher, job)
-        proc = subprocess.run(['sbatch', '--parsable', script], cwd=self.workdir, capture_output=True, text=True)
+        log = os.path.abspath(os.path.join(self.workdir, job.file('log')))
+        proc = subprocess.run(['sbatch', '--parsable', f'--output={log}', '--open-mode=append', '--requeue',
+                               f'--nodes={self.launcher["nodes"]}', script], cwd=self.workdir, capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
-            raise DDOPatchError(f'sbatch {script} failed: {(proc.stderr.strip().splitlines() or ["no output"])[-1]}')
+            raise DDOPatchError(f'sbatch {script} failed: {_last_line(proc.stderr)}')
         job_id = proc.stdout.strip().split(';')[0]
         manifest.write_json(os.path.join(self.workdir, job.file('job')), dict(job_id=job_id))
         print(f'submitted {job.name} as SLURM job {job_id}', flush=True)
 
-    def _queued(self, job) -> bool:
+    def _job_id(self, job):
         record = manifest.read_json(os.path.join(self.workdir, job.file('job')))
-        if record is None:
-            return False
-        proc = subprocess.run(['squeue', '-h', '-j', record['job_id'], '-o', '%i'], capture_output=True, text=True)
-        return proc.returncode == 0 and bool(proc.stdout.strip())
+        return record and record['job_id']
+
+    def _states(self, jobs) -> dict | None:
+        """{job id: state} of the jobs' SLURM jobs that squeue still lists (ended ones too); None when squeue fails."""
+        ids = [job_id for job_id in map(self._job_id, jobs) if job_id]
+        if not ids:
+            return {}
+        proc = subprocess.run(['squeue', '-h', '-t', 'all', '-j', ','.join(ids), '-o', '%i %T'], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            if 'Invalid job id' in proc.stderr:   # every one of them forgotten (MinJobAge)
+                return {}
+            print(f'squeue failed ({_last_line(proc.stderr)}); asking again later', flush=True)
+            return None
+        return dict(line.split()[:2] for line in proc.stdout.splitlines() if line.strip())
 
     def run(self, jobs, on_done):
         pending = list(jobs)
         while pending:
+            # squeue first, the status files after: a job that ends in between is read back, not submitted again
+            states = self._states([job for job in pending if read_status(self.workdir, job) is None])
             for job in list(pending):
-                if read_status(self.workdir, job) is not None:
+                job_id = self._job_id(job)
+                state = None if states is None or job_id is None else states.get(job_id, 'not listed by squeue')
+                status = read_status(self.workdir, job)
+                if status is None and state in SLURM_FAILED:
+                    _write_status(self.workdir, job, None, f'SLURM job {job_id} {state} before writing its status')
+                    status = read_status(self.workdir, job)
+                if status is not None:
                     pending.remove(job)
                     on_done(job)
-                elif not self._queued(job):   # never submitted, or gone without a status (preempted, time limit)
+                elif states is not None and state not in SLURM_ACTIVE:   # never submitted, lost, or out of time
+                    if state is not None:
+                        print(f'SLURM job {job_id} of {job.name} ended without a status ({state}); submitting it again', flush=True)
                     self._submit(job)
             if pending and not self.wait:
                 return False

@@ -22,7 +22,14 @@ from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds import config as rounds_config
 from ddo_patch.rounds import manifest, sweep
 from ddo_patch.rounds.backend import point_name
-from ddo_patch.rounds.launch import Job, command_line, make_launcher, read_status
+from ddo_patch.rounds.launch import (
+    Job,
+    command_line,
+    forget,
+    make_launcher,
+    outcome,
+    read_status,
+)
 
 MANIFEST_VERSION = 2
 
@@ -62,9 +69,10 @@ def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, 
     status = read_status(workdir, job)
     record = dict(name=point_name(alpha, beta), alpha=alpha, beta=beta, options=options, run_dir=run_dir, job=job.path,
                   images=backend.train_images(options, steps), commands=[command_line(launcher, c) for c in job.commands],
-                  exit_status=status['exit_status'], wall_seconds=status['wall_seconds'], evaluations=[], best=None)
+                  exit_status=status['exit_status'], wall_seconds=status['wall_seconds'],
+                  interruptions=status.get('interruptions', 0), evaluations=[], best=None)
     result = backend.collect(os.path.join(workdir, run_dir)) if status['exit_status'] == 0 else \
-        dict(evaluations=[], error=f'exit status {status["exit_status"]} (log: {job.file("log")})')
+        dict(evaluations=[], error=f'{outcome(status)} (log: {job.file("log")})')
     bad = [e for e in result['evaluations'] if not math.isfinite(e['score'])]
     error = result['error'] or (f'non-finite {backend.metric_label()} at step {bad[0]["step"]}' if bad else None)
     record.update(status='failed' if error else 'done', error=error)
@@ -115,7 +123,7 @@ def _round_jobs(workdir, launcher, jobs) -> dict | bool:
     for job in jobs:
         status = read_status(workdir, job)
         if status is not None and status['exit_status'] != 0:
-            os.remove(os.path.join(workdir, job.file('status')))
+            forget(workdir, job)
     todo = [job for job in jobs if read_status(workdir, job) is None]
     if todo and not launcher.run(todo, on_done=lambda _: None):
         return False
@@ -124,7 +132,7 @@ def _round_jobs(workdir, launcher, jobs) -> dict | bool:
 
 def _failed(workdir, record, job, status, what):
     if status['exit_status'] != 0:
-        raise DDOPatchError(f'round {record["round"]}: {what} failed with exit status {status["exit_status"]}; '
+        raise DDOPatchError(f'round {record["round"]}: {what} failed ({outcome(status)}); '
                             f'see {os.path.join(workdir, job.file("log"))}, then rerun')
 
 
@@ -203,7 +211,7 @@ def _forget_failed(workdir, record):
     """Drop the failed runs of an unfinished round, so that they run again (they resume where they can)."""
     for run in [r for r in record['runs'] if r['status'] == 'failed']:
         record['runs'].remove(run)
-        os.remove(os.path.join(workdir, f'{run["job"]}.status'))
+        forget(workdir, Job(name=run['name'], path=run['job'], commands=[]))
 
 
 def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
