@@ -24,9 +24,11 @@ Alpha = Union[float, torch.Tensor]
 
 
 def check_hyperparameters(alpha: Alpha, beta: float) -> None:
-    """Raise a one-line error for alpha < 0 or beta <= 0 (the loss is only a discriminator loss then)."""
+    """Raise a one-line error for alpha < 0 or beta <= 0 (the loss is only a discriminator loss then).
+
+    Meta tensors (`ddo_patch.memory` counts a step's memory on them) have no values to check."""
     if isinstance(alpha, torch.Tensor):
-        if not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()):
+        if not alpha.is_meta and not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()):
             raise DDOPatchError('alpha must be finite and >= 0 for every sample; fix the alpha tensor')
     elif not (math.isfinite(alpha) and alpha >= 0):
         raise DDOPatchError(f'alpha must be a finite number >= 0, got {alpha}; the paper sweeps 0.5-6 (diffusion) and 10-100 (VAR)')
@@ -103,7 +105,7 @@ def _weighted_error(denoised, clean, weight):
 
 
 def _check_finite(name, x):
-    if not bool(torch.isfinite(x).all()):
+    if not x.is_meta and not bool(torch.isfinite(x).all()):
         raise DDOPatchError(f'{name} contain NaN or Inf values; check the data pipeline or the reference samples')
 
 
