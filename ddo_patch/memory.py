@@ -101,7 +101,8 @@ class MemoryEstimate:
         return sum(self.fixed.values()) + self.step
 
     def describe(self) -> str:
-        fixed = ', '.join(f'{name} {value / GiB:.1f}' for name, value in self.fixed.items())
-        return (f'expected per-GPU peak at batch_gpu {self.batch_gpu}: {self.total / GiB:.1f} GiB = fixed state '
-                f'{sum(self.fixed.values()) / GiB:.1f} GiB ({fixed}) + step {self.step / GiB:.1f} GiB (activations, '
+        unit, scale = ('GiB', GiB) if self.total >= GiB else ('MiB', 2 ** 20)
+        fixed = ', '.join(f'{name} {value / scale:.1f}' for name, value in self.fixed.items())
+        return (f'expected per-GPU peak at batch_gpu {self.batch_gpu}: {self.total / scale:.1f} {unit} = fixed state '
+                f'{sum(self.fixed.values()) / scale:.1f} {unit} ({fixed}) + step {self.step / scale:.1f} {unit} (activations, '
                 f'gradients, temporaries; counted on the meta device). Allocator reserve and workspaces come on top.')

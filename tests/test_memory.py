@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import pickle
+
 import pytest
 import torch
 
-from ddo_patch import memory
+from ddo_patch import memory, upstream
+from edm2_helpers import run, write_dataset
+from var_tiny import TINY, tiny_checkpoints
 
 MiB = 2 ** 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +54,7 @@ def test_fixed_state_and_description():
     estimate = memory.MemoryEstimate(8, {'weights': 3 * memory.GiB}, memory.GiB // 2)
     assert estimate.total == 3.5 * memory.GiB
     assert 'batch_gpu 8: 3.5 GiB' in estimate.describe()
+    assert 'batch_gpu 8: 1.5 MiB = fixed state 1.0 MiB' in memory.MemoryEstimate(8, {'weights': MiB}, MiB // 2).describe()
 
 
 @pytest.mark.upstream
@@ -65,3 +70,30 @@ def test_count_matches_peak_rss_of_real_cpu_steps(edm2_root, var_root):
         assert abs(row['counted'] - row['measured']) <= 0.05 * row['measured'], row
     for small, large in (rows[:2], rows[2:]):   # the step grows with the batch, in both counts
         assert large['measured'] > 1.7 * small['measured'] and large['counted'] > 1.7 * small['counted']
+
+
+@pytest.mark.upstream
+def test_edm2_dry_run_prints_the_expected_peak_and_writes_nothing(edm2_root, tmp_path):
+    upstream.activate('edm2', str(edm2_root))
+    from training.networks_edm2 import Precond
+    data = write_dataset(tmp_path / 'data')
+    with open(tmp_path / 'ref.pkl', 'wb') as f:
+        pickle.dump({'ema': Precond(8, 3, 4, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])}, f)
+    proc = run(['-m', 'edm2_ext.train', '--outdir', str(tmp_path / 'run'), '--data', data, '--ref', str(tmp_path / 'ref.pkl'),
+                '--fake', data, '--batch', '16', '--batch-gpu', '4', '--dry-run'], edm2_root, tmp_path)
+    assert 'expected per-GPU peak at batch_gpu 4: ' in proc.stdout and 'MiB = fixed state' in proc.stdout
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.upstream
+def test_var_dry_run_prints_the_expected_peak_of_its_micro_batch(var_root, tmp_path, capsys):
+    from var_ext import memory as var_memory
+    from var_ext import train
+    vae, ckpt = tiny_checkpoints(str(var_root), str(tmp_path))
+    assert train.main(['--ref', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
+                       '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--dataset', 'var_tiny:token_dataset',
+                       '--workers', '0', '--global-batch', '8', '--batch-gpu', '4', '--outdir', str(tmp_path / 'run'),
+                       '--dry-run']) == 0
+    expected = var_memory.step_memory(TINY, 4, ddp=False, var_root=str(var_root))   # token pyramids: nothing to tokenise
+    assert expected.describe() in capsys.readouterr().out
+    assert not (tmp_path / 'run').exists()
