@@ -3,17 +3,16 @@ measurement of peak RSS at two batch sizes for EDM2 and VAR steps (tests/memory_
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
-import pickle
-
 import pytest
 import torch
-
-from ddo_patch import memory, upstream
 from edm2_helpers import run, write_dataset
 from var_tiny import TINY, tiny_checkpoints
+
+from ddo_patch import memory, upstream
 
 MiB = 2 ** 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
