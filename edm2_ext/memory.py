@@ -74,7 +74,7 @@ def preset_network(preset: str):
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help'], 'max_content_width': 110})
-@click.option('--preset', type=click.Choice(sorted(ARCHITECTURES)), default='ddo-img64-s', show_default=True, help='Paper network and noise distribution.')
+@click.option('--preset', type=click.Choice(sorted(ARCHITECTURES)), default='ddo-img64-s', show_default=True, help='Paper preset, for its network.')
 @click.option('--batch-gpu', 'batch_gpu', metavar='NIMG', type=click.IntRange(min=1), multiple=True, default=[32], show_default=True, help='Per-GPU batch (repeat for several).')
 @click.option('--gpus', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Processes (more than one: DDP buckets).')
 @edm2_root_option
