@@ -67,12 +67,30 @@ PRECISIONS = {
 
 
 def deltas(net, ref, images, labels, precision: str, seed: int = 0, P_mean=-0.8, P_std=1.6) -> torch.Tensor:
-    """Per-sample delta_real of `DiffusionDDOLoss` (one forward of each net, no grad) under `precision`; the
-    same sigma and noise for every precision (seeded)."""
+    """The batch's deltas from `DiffusionDDOLoss` (one forward of each net over the batch, no grad) under
+    `precision`: the first half of `images` as the real, the second as the fake samples (the loss draws one
+    sigma and noise per pair), the same draws for every precision (seeded)."""
     loss = DiffusionDDOLoss(P_mean=P_mean, P_std=P_std, single_forward=True)
+    real, fake = images.chunk(2)
+    real_labels, fake_labels = (None, None) if labels is None else labels.chunk(2)
     torch.manual_seed(seed)
     with torch.no_grad(), PRECISIONS[precision]():
-        return loss.terms(net, ref, images, images, labels, labels).delta_real
+        terms = loss.terms(net, ref, real, fake, real_labels, fake_labels)
+    return torch.cat([terms.delta_real, terms.delta_fake])
+
+
+class Memo(torch.nn.Module):
+    """`net` whose output is computed once per `key`: the reference sees the same inputs (seeded sigma and
+    noise) for every theta at one precision, so each precision runs it once."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.key, self.outputs = net, None, {}
+
+    def forward(self, *args, **kwargs):
+        if self.key not in self.outputs:
+            self.outputs[self.key] = self.net(*args, **kwargs)
+        return self.outputs[self.key]
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -94,7 +112,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--channels', type=int, default=192, help='model_channels (EDM2-S: 192)')
     parser.add_argument('--res', type=int, default=64, help='image resolution')
-    parser.add_argument('--batch', type=int, default=8, help='samples')
+    parser.add_argument('--batch', type=int, default=8, help='samples: half real, half fake (even)')
     parser.add_argument('--threads', type=int, default=0, help='CPU threads (0 = torch default)')
     parser.add_argument('--edm2-root', default=None, help='NVlabs/edm2 checkout (default: $EDM2_ROOT or the cache)')
     args = parser.parse_args(argv)
@@ -115,9 +133,14 @@ def main(argv=None):
     print(f'EDM2 Precond, {args.res}x{args.res}, channels {args.channels}, random weights, batch {args.batch}; '
           f'relative error of delta = rms(delta - delta_fp32) / std(delta_fp32)')
     print(f'{"theta":10s} {"std(delta_fp32)":>16s} {"bf16":>8s} {"tf32":>8s}')
+    memo = Memo(ref)
     for name, theta in thetas.items():
-        exact = deltas(theta, ref, images, labels, 'fp32')
-        errors = [relative_error(deltas(theta, ref, images, labels, p), exact) for p in ('bf16', 'tf32')]
+        results = {}
+        for precision in ('fp32', 'bf16', 'tf32'):
+            memo.key = precision
+            results[precision] = deltas(theta, memo, images, labels, precision)
+        exact = results['fp32']
+        errors = [relative_error(results[p], exact) for p in ('bf16', 'tf32')]
         print(f'{name:10s} {float(exact.std()):16.4g} {errors[0]:8.3g} {errors[1]:8.3g}', flush=True)
 
 
