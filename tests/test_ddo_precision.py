@@ -6,7 +6,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'benchmarks'))
-from ddo_precision import Memo, TF32Inputs, deltas, perturbed, relative_error, round_to_tf32
+from ddo_precision import (
+    Memo,
+    TF32Inputs,
+    deltas,
+    perturbed,
+    relative_error,
+    round_to_tf32,
+)
 
 
 def test_round_to_tf32_keeps_ten_mantissa_bits_rounding_to_nearest_even():
@@ -60,10 +67,11 @@ def test_delta_error_is_zero_in_fp32_and_grows_near_the_reference():
 
 def test_the_memoised_reference_gives_the_same_deltas_once_per_precision():
     ref, calls = _Denoiser(0), []
+    thetas = (perturbed(ref, 1e-2), _Denoiser(1))
     ref.register_forward_hook(lambda *args: calls.append(1))
     memo = Memo(ref)
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    for theta in (perturbed(ref, 1e-2), _Denoiser(1)):
+    for theta in thetas:
         for precision in ('fp32', 'tf32'):
             memo.key = precision
             assert torch.equal(deltas(theta, memo, images, None, precision), deltas(theta, ref, images, None, precision))
