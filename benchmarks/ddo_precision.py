@@ -10,11 +10,14 @@ under reduced precision against fp32, relative to the spread of the fp32 delta o
 
     relative error = rms_i(delta_i[low precision] - delta_i[fp32]) / std_i(delta_i[fp32])
 
-- bf16: `torch.autocast('cpu', dtype=torch.bfloat16)` over both forwards (convolutions and matrix
-  products in bf16, 8-bit mantissa, as autocast does on a GPU);
+- bf16: the inputs and the output of every convolution and matrix product rounded to bf16 (8-bit
+  significand, round to nearest even), fp32 in between: the casts autocast makes at the ops it runs in
+  bf16 on a GPU. Real autocast also keeps the elementwise ops between them in bf16, so this is a lower
+  bound of its error; `--autocast` adds a column with `torch.autocast('cpu', dtype=torch.bfloat16)`
+  itself, only worth it on a CPU with native bf16 (without, bf16 convolutions run ~200x slower than fp32);
 - tf32: fp32 everywhere, but the two multiplicands of every convolution and matrix product rounded to
-  TF32's 10-bit mantissa first (round to nearest even), products accumulated in fp32: what a GPU's
-  TF32 tensor cores compute (`torch.backends.cuda.matmul.allow_tf32`, which upstream EDM2 turns off).
+  TF32's 10-bit mantissa first, products accumulated in fp32: what a GPU's TF32 tensor cores compute
+  (`torch.backends.cuda.matmul.allow_tf32`, which upstream EDM2 turns off).
 
 theta: `random` (its own initialisation, independent of ref), `ref+1e-3` and `ref+1e-2` (every weight
 tensor of ref plus eps * its std * standard normal noise). The figure of merit is the near-reference rows:
@@ -35,7 +38,7 @@ from ddo_patch import upstream
 from ddo_patch.losses import DiffusionDDOLoss
 
 _ops = torch.ops.aten
-# op -> positions of its two multiplicands (addmm/baddbmm add their first argument in fp32)
+# op -> positions of its two multiplicands (addmm/baddbmm add their first argument, the bias)
 _MULTIPLICANDS = {_ops.convolution.default: (0, 1), _ops.mm.default: (0, 1), _ops.bmm.default: (0, 1),
                   _ops.addmm.default: (1, 2), _ops.baddbmm.default: (1, 2)}
 
@@ -49,20 +52,34 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return (bits & ~0x1FFF).view(torch.float32).view_as(x)
 
 
-class TF32Inputs(TorchDispatchMode):
-    """Within the block, convolutions and matrix products see their fp32 multiplicands rounded to TF32."""
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to bf16 (7 mantissa bits, round to nearest even), kept in fp32; other dtypes unchanged."""
+    return x.to(torch.bfloat16).to(torch.float32) if x.dtype == torch.float32 else x
+
+
+class RoundedMatmuls(TorchDispatchMode):
+    """Within the block, convolutions and matrix products get their multiplicands (or, with `every_input`, all
+    their tensor arguments) rounded by `rounding`, and with `output` their result too; fp32 otherwise."""
+
+    def __init__(self, rounding, every_input=False, output=False):
+        super().__init__()
+        self.rounding, self.every_input, self.output = rounding, every_input, output
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         positions = _MULTIPLICANDS.get(func)
-        if positions is not None:
-            args = tuple(round_to_tf32(a) if i in positions and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
-        return func(*args, **(kwargs or {}))
+        if positions is None:
+            return func(*args, **(kwargs or {}))
+        args = tuple(self.rounding(a) if isinstance(a, torch.Tensor) and (self.every_input or i in positions) else a
+                     for i, a in enumerate(args))
+        out = func(*args, **(kwargs or {}))
+        return self.rounding(out) if self.output else out
 
 
 PRECISIONS = {
     'fp32': contextlib.nullcontext,
-    'bf16': lambda: torch.autocast('cpu', dtype=torch.bfloat16),
-    'tf32': TF32Inputs,
+    'bf16': lambda: RoundedMatmuls(round_to_bf16, every_input=True, output=True),
+    'tf32': lambda: RoundedMatmuls(round_to_tf32),
+    'bf16-autocast': lambda: torch.autocast('cpu', dtype=torch.bfloat16),
 }
 
 
@@ -114,6 +131,7 @@ def main(argv=None):
     parser.add_argument('--res', type=int, default=64, help='image resolution')
     parser.add_argument('--batch', type=int, default=8, help='samples: half real, half fake (even)')
     parser.add_argument('--threads', type=int, default=0, help='CPU threads (0 = torch default)')
+    parser.add_argument('--autocast', action='store_true', help='also real bf16 autocast (needs a CPU with native bf16)')
     parser.add_argument('--edm2-root', default=None, help='NVlabs/edm2 checkout (default: $EDM2_ROOT or the cache)')
     args = parser.parse_args(argv)
     upstream.activate('edm2', args.edm2_root)
@@ -132,16 +150,16 @@ def main(argv=None):
     thetas = {'random': network(1), 'ref+1e-3': perturbed(ref, 1e-3), 'ref+1e-2': perturbed(ref, 1e-2)}
     print(f'EDM2 Precond, {args.res}x{args.res}, channels {args.channels}, random weights, batch {args.batch}; '
           f'relative error of delta = rms(delta - delta_fp32) / std(delta_fp32)')
-    print(f'{"theta":10s} {"std(delta_fp32)":>16s} {"bf16":>8s} {"tf32":>8s}')
+    columns = ['bf16', 'tf32'] + (['bf16-autocast'] if args.autocast else [])
+    print(f'{"theta":10s} {"std(delta_fp32)":>16s} ' + ' '.join(f'{c:>13s}' for c in columns))
     memo = Memo(ref)
     for name, theta in thetas.items():
         results = {}
-        for precision in ('fp32', 'bf16', 'tf32'):
+        for precision in ['fp32'] + columns:
             memo.key = precision
             results[precision] = deltas(theta, memo, images, labels, precision)
         exact = results['fp32']
-        errors = [relative_error(results[p], exact) for p in ('bf16', 'tf32')]
-        print(f'{name:10s} {float(exact.std()):16.4g} {errors[0]:8.3g} {errors[1]:8.3g}', flush=True)
+        print(f'{name:10s} {float(exact.std()):16.4g} ' + ' '.join(f'{relative_error(results[c], exact):13.3g}' for c in columns), flush=True)
 
 
 if __name__ == '__main__':

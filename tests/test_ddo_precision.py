@@ -7,11 +7,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'benchmarks'))
 from ddo_precision import (
+    PRECISIONS,
     Memo,
-    TF32Inputs,
     deltas,
     perturbed,
     relative_error,
+    round_to_bf16,
     round_to_tf32,
 )
 
@@ -32,12 +33,19 @@ def test_tf32_mode_rounds_the_multiplicands_of_matmul_and_convolution():
     a, b = torch.randn(16, 32, generator=gen), torch.randn(32, 8, generator=gen)
     bias = torch.randn(8, generator=gen)
     x, w = torch.randn(1, 3, 8, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
-    with TF32Inputs():
+    with PRECISIONS['tf32']():
         mm, addmm, conv = a @ b, torch.addmm(bias, a, b), torch.nn.functional.conv2d(x, w)
+        silu = torch.nn.functional.silu(x)
     assert torch.equal(mm, round_to_tf32(a) @ round_to_tf32(b))
     assert torch.equal(addmm, torch.addmm(bias, round_to_tf32(a), round_to_tf32(b)))   # the bias stays fp32
     assert torch.equal(conv, torch.nn.functional.conv2d(round_to_tf32(x), round_to_tf32(w)))
+    assert torch.equal(silu, torch.nn.functional.silu(x))                              # elementwise ops untouched
     assert not torch.equal(mm, a @ b)
+    with PRECISIONS['bf16']():   # autocast's casts: every input and the output in bf16
+        mm, addmm = a @ b, torch.addmm(bias, a, b)
+    assert torch.equal(mm, round_to_bf16(round_to_bf16(a) @ round_to_bf16(b)))
+    assert torch.equal(addmm, round_to_bf16(torch.addmm(round_to_bf16(bias), round_to_bf16(a), round_to_bf16(b))))
+    assert (round_to_bf16(a).view(torch.int32) & 0xFFFF).eq(0).all()
 
 
 class _Denoiser(torch.nn.Module):
