@@ -20,7 +20,9 @@ under reduced precision against fp32, relative to the spread of the fp32 delta o
   (`torch.backends.cuda.matmul.allow_tf32`, which upstream EDM2 turns off).
 
 theta: `random` (its own initialisation, independent of ref), `ref+1e-3` and `ref+1e-2` (every weight
-tensor of ref plus eps * its std * standard normal noise). The figure of merit is the near-reference rows:
+tensor of ref plus eps * its std * standard normal noise). Random weights are upstream's initialisation
+with its zero-initialised output and embedding gains set to 1 (at 0 every network is D(x) = c_skip x and
+delta = 0). The figure of merit is the near-reference rows:
 a relative error of order 1 means the sign and ranking of delta, hence the discriminator and the gradient
 weights sigmoid(beta * delta), are noise. Both networks run in eval mode, in fp32 weights.
 """
@@ -141,7 +143,11 @@ def main(argv=None):
 
     def network(seed):
         torch.manual_seed(seed)
-        return Precond(args.res, 3, 1000, model_channels=args.channels, use_fp16=False).eval().requires_grad_(False)
+        net = Precond(args.res, 3, 1000, model_channels=args.channels, use_fp16=False).eval().requires_grad_(False)
+        for name, param in net.named_parameters():
+            if name.endswith('_gain'):   # EDM2 initialises its output and embedding gains to 0 (D(x) = c_skip x)
+                param.fill_(1.0)
+        return net
 
     ref = network(0)
     gen = torch.Generator().manual_seed(2)
