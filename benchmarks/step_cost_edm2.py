@@ -12,8 +12,8 @@ on them. The two steps alternate (`--repeats` times after one warm-up each) and 
 Memory, both reported per step kind:
 - step peak: the most bytes held by tensors allocated during the step (activations, gradients,
   temporaries) above what was resident before it. GPU: torch.cuda.max_memory_allocated minus
-  memory_allocated before the step. CPU: the same quantity counted exactly by a TorchDispatchMode that
-  tracks every tensor storage created by an op until it is freed (a separate, untimed pass);
+  memory_allocated before the step. CPU: the same quantity counted exactly by `ddo_patch.memory.step_peak`,
+  which tracks every tensor storage created by an op until it is freed (a separate, untimed pass);
 - total peak: step peak + resident bytes (parameters, Adam state; for DDO also the frozen reference net).
 """
 
@@ -25,34 +25,9 @@ import statistics
 import time
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from ddo_patch import upstream
+from ddo_patch import memory, upstream
 from ddo_patch.losses import DiffusionDDOLoss
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the block and still alive (CPU step peak)."""
-
-    def __enter__(self):
-        self.live, self.current, self.peak = {}, 0, 0
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == 'cpu':
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def _resident_bytes(*objects):
@@ -86,9 +61,7 @@ def _step_peak(step, device):
         step()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with _LiveTensorBytes() as tracker:
-        step()
-    return tracker.peak
+    return memory.step_peak(step)
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ Every function returns per-sample losses; the caller reduces (EDM2's loop sums, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Union
 
@@ -24,9 +25,11 @@ Alpha = Union[float, torch.Tensor]
 
 
 def check_hyperparameters(alpha: Alpha, beta: float) -> None:
-    """Raise a one-line error for alpha < 0 or beta <= 0 (the loss is only a discriminator loss then)."""
+    """Raise a one-line error for alpha < 0 or beta <= 0 (the loss is only a discriminator loss then).
+
+    Meta tensors (`ddo_patch.memory` counts a step's memory on them) have no values to check."""
     if isinstance(alpha, torch.Tensor):
-        if not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()):
+        if not alpha.is_meta and (not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any())):
             raise DDOPatchError('alpha must be finite and >= 0 for every sample; fix the alpha tensor')
     elif not (math.isfinite(alpha) and alpha >= 0):
         raise DDOPatchError(f'alpha must be a finite number >= 0, got {alpha}; the paper sweeps 0.5-6 (diffusion) and 10-100 (VAR)')
@@ -103,7 +106,7 @@ def _weighted_error(denoised, clean, weight):
 
 
 def _check_finite(name, x):
-    if not bool(torch.isfinite(x).all()):
+    if not x.is_meta and not bool(torch.isfinite(x).all()):
         raise DDOPatchError(f'{name} contain NaN or Inf values; check the data pipeline or the reference samples')
 
 
@@ -197,7 +200,8 @@ def sequence_log_likelihood(logits: torch.Tensor, tokens: torch.Tensor) -> torch
     if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
         raise DDOPatchError(f'expected logits [B, L, V] and tokens [B, L], got {tuple(logits.shape)} and {tuple(tokens.shape)}')
     batch, length, vocab = logits.shape
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    # no autocast on the meta device (ddo_patch.memory), which has none
+    with contextlib.nullcontext() if logits.is_meta else torch.autocast(device_type=logits.device.type, enabled=False):
         nll = F.cross_entropy(logits.reshape(-1, vocab).to(torch.float32), tokens.reshape(-1), reduction='none')
     return -nll.view(batch, length).sum(1)
 

@@ -38,6 +38,16 @@ class _KeepLogvar:
         return denoised
 
 
+def ddo_loss(ddo: DiffusionDDOLoss, net, ref_net, images, labels, fake_images, fake_labels):
+    """(per-sample loss, DDOTerms) of EDM2 Precond `net` against `ref_net` on one real and one fake batch, as
+    upstream's loop gets it from `DDOLoss` (also what `edm2_ext.memory` runs on meta tensors)."""
+    if labels is None or labels.shape[-1] == 0:
+        labels = fake_labels = None
+    trained = _KeepLogvar(net)
+    terms = ddo.terms(trained, _in_fp32(ref_net), images, fake_images, labels, fake_labels)
+    return terms.loss + 0 * trained.logvar.flatten()[:images.shape[0]], terms
+
+
 class DDOLoss:
     """DDO (Eq. 13 with the diffusion ELBO surrogate of Eq. 44) in place of upstream's `EDM2Loss`.
 
@@ -72,13 +82,10 @@ class DDOLoss:
 
     def __call__(self, net, images, labels=None):
         fake_images, fake_labels = self._next_fake(images.shape[0], images.device)
-        if labels is None or labels.shape[-1] == 0:
-            labels = fake_labels = None
-        trained = _KeepLogvar(net)
-        terms = self.ddo.terms(trained, _in_fp32(self.reference_net(images.device)), images, fake_images, labels, fake_labels)
+        loss, terms = ddo_loss(self.ddo, net, self.reference_net(images.device), images, labels, fake_images, fake_labels)
         for name, values in terms.log_values().items():
             training_stats.report(name, values)
-        return terms.loss + 0 * trained.logvar.flatten()[:images.shape[0]]
+        return loss
 
     def reference_net(self, device):
         if self._ref_net is None:

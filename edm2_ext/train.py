@@ -119,7 +119,7 @@ def launch_training(run_dir, c, device):
 @click.option('--checkpoint', metavar='NIMG', type=options.NIMG, default=None, help='Interval of training-state checkpoints.  [default: preset]')
 @click.option('--slice', 'slice_nimg', metavar='NIMG', type=options.NIMG, default=0, show_default=True, help='Stop after this many images (rounded to checkpoints); 0 = run to the end.')
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
-@click.option('-n', '--dry-run', is_flag=True, help='Check the inputs, print the training options and exit.')
+@click.option('-n', '--dry-run', is_flag=True, help='Check the inputs, print the training options and the expected per-GPU peak memory, and exit.')
 @options.edm2_root
 def cmdline(outdir, data, ref, fake, cond, preset, round_idx, alpha, beta, batch_gpu, workers, slice_nimg, seed, dry_run,
             edm2_root, **hyperparameters):
@@ -141,12 +141,24 @@ def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2
     check_hyperparameters(alpha, beta)
     run_training(outdir, lambda device: setup_training_config(
         data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
-        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device), dry_run=dry_run, edm2_root=edm2_root)
+        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device), dry_run=dry_run, edm2_root=edm2_root,
+        estimate=expected_memory)
 
 
-def run_training(outdir, configure, dry_run=False, edm2_root=None):
+def expected_memory(c, world_size):
+    """`edm2_ext.memory`'s expected per-GPU peak for the options `c`, at upstream's per-GPU batch (--batch-gpu,
+    at most --batch / world size)."""
+    from edm2_ext.memory import step_memory
+    from edm2_ext.network import load_snapshot
+    per_gpu = c.batch_size // world_size
+    return step_memory(load_snapshot(c.network_kwargs.ref)['ema'], min(c.batch_gpu or per_gpu, per_gpu), ddp=world_size > 1,
+                       P_mean=c.loss_kwargs.P_mean, P_std=c.loss_kwargs.P_std)
+
+
+def run_training(outdir, configure, dry_run=False, edm2_root=None, estimate=None):
     """Join the process group, build upstream `training_loop` arguments with `configure(device)` (which checks the
-    inputs), print them, and run the loop (or stop there for a dry run). Shared by edm2_ext.train and .pretrain."""
+    inputs), print them, and run the loop (or stop there for a dry run, after printing `estimate(c, world_size)`,
+    the expected memory, if given). Shared by edm2_ext.train and .pretrain."""
     upstream.activate('edm2', edm2_root)
     warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
     from torch_utils import distributed as dist
@@ -158,6 +170,8 @@ def run_training(outdir, configure, dry_run=False, edm2_root=None):
     check_intervals(c, dist.get_world_size())
     dist.print0(json.dumps(dict(c, device=str(device), world_size=dist.get_world_size()), indent=2))
     if dry_run:
+        if estimate is not None and dist.get_rank() == 0:
+            print(estimate(c, dist.get_world_size()).describe(), flush=True)
         dist.print0('Dry run; exiting.')
         return
     launch_training(outdir, c, device)

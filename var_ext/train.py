@@ -74,7 +74,7 @@ def parse_args(argv=None):
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
     g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
     g.add_argument('--stop-at', metavar='INT', type=int, help='leave once iteration INT is done (a rung of a successive-halving sweep); rerun with a larger one, or none, to continue')
-    g.add_argument('-n', '--dry-run', action='store_true', help='check the inputs, print the training options and exit')
+    g.add_argument('-n', '--dry-run', action='store_true', help='check the inputs, print the training options and the expected per-GPU peak memory, and exit')
     return p.parse_args(argv)
 
 
@@ -119,6 +119,16 @@ def merge_micro_logs(logs):
         merged[k] *= len(logs)
     merged['Loss/grad_norm'] = logs[-1]['Loss/grad_norm']
     return merged
+
+
+def expected_memory(args, model_cfg, dataset, world_size):
+    """`var_ext.memory`'s expected per-GPU peak at the micro-batch of these options, with the rank's images
+    tokenised at once when the data set gives images (not token pyramids)."""
+    from var_ext.memory import step_memory
+    per_rank = args.global_batch // world_size
+    images = dataset[0][0].is_floating_point()
+    return step_memory(model_cfg, per_rank // accumulation_rounds(args, world_size), per_rank if images else None,
+                       ddp=world_size > 1, var_root=args.var_root)
 
 
 def build(args, device, world_size):
@@ -184,6 +194,8 @@ def main(argv=None):
     if rank == 0:
         print(json.dumps(dict(vars(args), device=str(device), world_size=world_size, accumulation_rounds=grad_accum), indent=2), flush=True)
     if args.dry_run:
+        if rank == 0:
+            print(expected_memory(args, model_cfg, dataset, world_size).describe(), flush=True)
         print('Dry run; exiting.', flush=True)
         return 0
 

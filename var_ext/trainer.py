@@ -68,6 +68,27 @@ def build_optimizer(var_wo_ddp, lr: float, weight_decay: float, grad_clip: float
 TIMINGS = ('Timing/seconds_generate', 'Timing/seconds_train')   # online reference sampling; forward, backward, step
 
 
+def ddo_loss(var, ref_var, quantize, labels, real_tokens, fake_tokens, dropped, alpha: float, beta: float, amp_ctx):
+    """Mean DDO loss of the pairs (real_i, fake_i), both conditioned on labels_i or, where dropped_i, on the
+    unconditional class; alpha_i = 0 where dropped_i (section 5.3). Returns (loss, DDOTerms).
+
+    `var` is the trained VAR (or its DDP wrapper), `ref_var` the frozen reference, `quantize` the VQVAE's
+    quantiser (teacher-forcing inputs from token indices), `amp_ctx` the autocast context of both forwards.
+    """
+    batch = labels.shape[0]
+    cond = torch.where(dropped, ref_var.num_classes, labels)
+    both = [torch.cat(pair) for pair in zip(real_tokens, fake_tokens)]
+    inputs = quantize.idxBl_to_var_input(both)
+    targets = torch.cat(both, dim=1)
+    with amp_ctx:
+        logp = sequence_log_likelihood(var(torch.cat([cond, cond]), inputs), targets)
+        with torch.no_grad():
+            ref_logp = sequence_log_likelihood(ref_var(torch.cat([cond, cond]), inputs), targets)
+    weights = label_dropout_alpha(alpha, dropped).to(labels.device)
+    terms = autoregressive_ddo_terms(logp[:batch], ref_logp[:batch], logp[batch:], ref_logp[batch:], weights, beta)
+    return terms.loss.mean(), terms
+
+
 class DDOTrainer:
     """The DDO step on top of an upstream `VARTrainer` (`base`) and a frozen reference VAR."""
 
@@ -105,20 +126,9 @@ class DDOTrainer:
                                 f'{labels.max().item()}; check the dataset or --num-classes')
 
     def loss(self, labels, real_tokens, fake_tokens, dropped):
-        """Mean DDO loss of the pairs (real_i, fake_i), both conditioned on labels_i or, where dropped_i, on
-        the unconditional class; alpha_i = 0 where dropped_i (section 5.3). Returns (loss, DDOTerms)."""
-        batch = labels.shape[0]
-        cond = torch.where(dropped, self.var_wo_ddp.num_classes, labels)
-        both = [torch.cat(pair) for pair in zip(real_tokens, fake_tokens)]
-        inputs = self.base.quantize_local.idxBl_to_var_input(both)
-        targets = torch.cat(both, dim=1)
-        with self.base.var_opt.amp_ctx:
-            logp = sequence_log_likelihood(self.base.var(torch.cat([cond, cond]), inputs), targets)
-            with torch.no_grad():
-                ref_logp = sequence_log_likelihood(self.ref_var(torch.cat([cond, cond]), inputs), targets)
-        alpha = label_dropout_alpha(self.alpha, dropped).to(self.device)
-        terms = autoregressive_ddo_terms(logp[:batch], ref_logp[:batch], logp[batch:], ref_logp[batch:], alpha, self.beta)
-        return terms.loss.mean(), terms
+        """`ddo_loss` of the trained VAR (through DDP) against the reference, under the optimiser's autocast."""
+        return ddo_loss(self.base.var, self.ref_var, self.base.quantize_local, labels, real_tokens, fake_tokens, dropped,
+                        self.alpha, self.beta, self.base.var_opt.amp_ctx)
 
     def step(self, labels: torch.Tensor, real_tokens, iteration: int, micro: int = 0, stepping: bool = True) -> dict:
         """One DDO update (or, with stepping=False, one accumulated micro-batch) from a real batch given as
