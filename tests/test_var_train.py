@@ -25,12 +25,14 @@ def argv(files, outdir, *extra):
             '--workers', '0', '--global-batch', '8', '--outdir', str(outdir), *extra]
 
 
-def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root):
+def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root, capsys):
     assert train.main(argv(files, tmp_path / 'run', '--iterations', '3', '--eval-every', '2', '--eval-samples', '10',
                            '--metric', 'var_tiny:brightness', '--eval-cfg', '1.5')) == 3
     run = tmp_path / 'run'
     log = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
     assert [r['iteration'] for r in log] == [1, 2, 3]
+    printed = [float(line.split(' samples/s')[0].rsplit(' ', 1)[1]) for line in capsys.readouterr().out.splitlines() if 'samples/s' in line]
+    assert printed == [pytest.approx(r['Timing/samples_per_s'], rel=5e-3) for r in log]   # 3 significant digits
     for key in ('Loss/loss', 'DDO/loss_real', 'DDO/loss_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake',
                 'Timing/samples_per_s', 'Progress/lr', 'Timing/seconds_generate'):
         assert all(key in r for r in log)
@@ -95,6 +97,20 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('error: ') and message in err[-1], err[-1]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_data_with_a_broken_torchvision_fails_in_one_line(files, tmp_path, capsys, monkeypatch):
+    """A torchvision built for another torch (`pip install torchvision==0.28.0` next to torch 2.13.0+cpu) fails on
+    import with a RuntimeError, not an ImportError; --data must still stop with one line."""
+    from test_var_options import broken_torchvision
+    broken_torchvision(tmp_path, monkeypatch, 'raise RuntimeError("operator torchvision::nms does not exist")')
+    args = argv(files, tmp_path / 'run', '--iterations', '2')
+    args[args.index('--dataset'):args.index('--dataset') + 2] = ['--data', str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith('error: --data uses upstream') and 'torchvision::nms' in err[-1]
     assert not (tmp_path / 'run').exists()
 
 

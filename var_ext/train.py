@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import time
 
@@ -44,7 +45,8 @@ def parse_args(argv=None):
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root with train/ and val/ (upstream pipeline; needs torchvision)')
     g.add_argument('--dataset', metavar='MODULE:FN', help='instead of --data: FN(resolution) -> dataset of (image or tokens, label)')
-    g.add_argument('--workers', metavar='INT', type=int, default=4, help='data loader processes per rank (default: %(default)s)')
+    g.add_argument('--workers', metavar='INT', type=int, default=datasets.default_workers(),
+                   help='data loader processes per rank (default: min(4, CPUs per process on this machine - 1), here %(default)s)')
     g = p.add_argument_group('DDO (appendix C)')
     g.add_argument('--ddo-alpha', metavar='FLOAT', type=float, default=50.0, help='weight of the reference-sample term; paper sweeps 10-100 (default: %(default)s)')
     g.add_argument('--ddo-beta', metavar='FLOAT', type=float, default=0.02, help='discriminator temperature (default: %(default)s)')
@@ -93,6 +95,13 @@ def validate(args, world_size):
         raise DDOPatchError('--eval-every and --log-every must be >= 1')
     if not args.data and not args.dataset:
         raise DDOPatchError('give --data (ImageFolder root) or --dataset module:function')
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """`x` with at least `digits` significant digits and no exponent: 0.0123, 12.3, 1234 (never '0.0')."""
+    if x == 0 or not math.isfinite(x):
+        return f'{x:g}'
+    return f'{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}'
 
 
 def average_across_ranks(values: dict, world_size: int, device) -> dict:
@@ -248,7 +257,7 @@ def main(argv=None):
             if rank == 0:
                 print(f'[it {iteration}/{args.iterations}] loss {stats["Loss/loss"]:.4f} (real {stats["DDO/loss_real"]:.4f} '
                       f'fake {stats["DDO/loss_fake"]:.4f}) acc real {stats["DDO/accuracy_real"]:.3f} fake '
-                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {record["Timing/samples_per_s"]:.1f} samples/s '
+                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {significant(record["Timing/samples_per_s"])} samples/s '
                       f'(generate {stats[TIMINGS[0]]:.2f}s, train {stats[TIMINGS[1]]:.2f}s)', flush=True)
         improved = False
         if evaluator is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):
