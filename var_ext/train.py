@@ -8,7 +8,8 @@ Writes to --outdir: `var-ddo-last.pth` and `var-ddo-best.pth` (plain VAR state d
 upstream `var.load_state_dict(..., strict=True)`), `training-state.pth` (optimiser and iteration, to
 resume: rerun the same command), `training_options.json`, `log.jsonl` (the loss terms and discriminator
 accuracies under the names edm2_ext.train logs them in stats.jsonl, samples/s, lr) and `metrics.jsonl`
-(each evaluation, with the `score` that selects). The options mirror edm2_ext.train's: `--ref` the
+(each evaluation: one score per guidance scale of `--eval-cfg`, and the `score` of `--select-cfg`, which
+selects; the paper keeps the best of "guidance-free / a moderate CFG scale" every 4 iterations). The options mirror edm2_ext.train's: `--ref` the
 pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
 `--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
 AMP only on CUDA.
@@ -69,9 +70,11 @@ def parse_args(argv=None):
     g.add_argument('--metric', metavar='MODULE:FN', help='FN(images uint8 NHWC, labels) -> float, lower is better; without it only the last checkpoint is kept')
     g.add_argument('--eval-every', metavar='INT', type=int, default=4, help='evaluate every INT iterations, and at 0 and the end (default: %(default)s)')
     g.add_argument('--eval-samples', metavar='INT', type=int, default=50000, help='class-balanced images per evaluation (default: %(default)s)')
-    g.add_argument('--eval-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_EVAL_CFG, help='second evaluation at this upstream CFG scale; 0 = guidance-free only (default: %(default)s)')
+    g.add_argument('--eval-cfg', metavar='LIST', default=run_files.format_scales(run_files.DEFAULT_EVAL_CFG),
+                   help='guidance scales to evaluate at, e.g. 0,1.5; 0 = guidance-free (default: %(default)s)')
+    g.add_argument('--select-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_SELECT_CFG,
+                   help='the evaluated scale whose score picks the best checkpoint (default: %(default)s)')
     g.add_argument('--eval-batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
-    g.add_argument('--best-by', choices=['free', 'cfg'], default='free', help='which score picks the best checkpoint (default: %(default)s)')
     g.add_argument('--no-initial-eval', action='store_true', help='do not evaluate the starting model (the round manager scores the reference once per round)')
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
     g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
@@ -95,6 +98,7 @@ def validate(args, world_size):
         raise DDOPatchError('--eval-every and --log-every must be >= 1')
     if not args.data and not args.dataset:
         raise DDOPatchError('give --data (ImageFolder root) or --dataset module:function')
+    run_files.check_selected(run_files.parse_scales(args.eval_cfg), args.select_cfg, '--eval-cfg/--select-cfg')
 
 
 def significant(x: float, digits: int = 3) -> str:
@@ -208,10 +212,10 @@ def main(argv=None):
                                          batch_sampler=datasets.ResumableBatchSampler(len(dataset), args.global_batch, rank, world_size, args.seed, start))
     evaluator = None
     if metric is not None:
-        scales = (0.0, args.eval_cfg) if args.eval_cfg else (0.0,)
-        evaluator = Evaluator(metric, range(args.eval_samples), scales, args.outdir, args.eval_batch, rank, world_size)
+        evaluator = Evaluator(metric, range(args.eval_samples), run_files.parse_scales(args.eval_cfg), args.outdir,
+                              args.eval_batch, rank, world_size)
     lr_control = models.import_upstream(args.var_root, 'utils.lr_control')
-    score_key = run_files.score_key(args.eval_cfg, args.best_by)
+    score_key = run_files.score_key(args.select_cfg)
 
     def evaluate(iteration):
         nonlocal best
