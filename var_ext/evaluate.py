@@ -21,7 +21,7 @@ from ddo_patch.files import write_atomic
 from ddo_patch.seeds import parse_seeds
 from var_ext import datasets, run_files
 from var_ext.evaluator import Evaluator
-from var_ext.options import add_model_options, autocast, init_distributed, load_pretrained
+from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
 
 def parse_args(argv=None):
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     g.add_argument('--select-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_SELECT_CFG,
                    help='the scale whose score is `score` (default: %(default)s)')
     g.add_argument('--batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
-    g.add_argument('--amp', choices=['fp32', 'fp16', 'bf16'], default='bf16', help='autocast dtype on CUDA; CPU runs fp32 (default: %(default)s)')
+    add_amp_option(g)
     g.add_argument('--dest', metavar='JSON', required=True, help='where the scores go')
     return p.parse_args(argv)
 

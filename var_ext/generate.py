@@ -31,7 +31,7 @@ from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.seeds import balanced_labels, parse_seeds
 from var_ext.evaluator import generate_balanced
-from var_ext.options import add_model_options, autocast, init_distributed, load_pretrained
+from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
 
 def parse_args(argv=None):
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     g.add_argument('--top-p', metavar='FLOAT', type=float, default=0.0, help='nucleus mass to keep, 0 = off (default: %(default)s)')
     g.add_argument('--batch', metavar='INT', type=int, default=64, help='images per batch and GPU (default: %(default)s)')
     g.add_argument('--seed-offset', metavar='INT', type=int, default=0, help='first seed (default: %(default)s)')
-    g.add_argument('--amp', choices=['fp32', 'fp16', 'bf16'], default='bf16', help='autocast dtype on CUDA; CPU runs fp32 (default: %(default)s)')
+    add_amp_option(g)
     g.add_argument('--no-npz', action='store_true', help='write PNGs only')
     return p.parse_args(argv)
 

@@ -30,7 +30,7 @@ import torch.distributed as tdist
 from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
-from var_ext import checkpoints, datasets, models, run_files
+from var_ext import checkpoints, datasets, models, options, run_files
 from var_ext.evaluator import Evaluator
 from var_ext.options import add_model_options, init_distributed, load_pretrained
 from var_ext.trainer import TIMINGS, build_optimizer, make_trainer
@@ -63,7 +63,7 @@ def parse_args(argv=None):
     g.add_argument('--wpe', metavar='FRAC', type=float, default=0.01, help='lr at the end, relative to peak (default: %(default)s)')
     g.add_argument('--wd', metavar='FLOAT', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     g.add_argument('--grad-clip', metavar='FLOAT', type=float, default=2.0, help='gradient-norm clip, <=0 off (default: %(default)s)')
-    g.add_argument('--amp', choices=sorted(AMP_MODES), default='bf16', help='autocast dtype on CUDA; CPU always runs fp32 (default: %(default)s)')
+    options.add_amp_option(g)
     g.add_argument('--seed', metavar='INT', type=int, default=0, help='data order, reference samples and dropout masks (default: %(default)s)')
     g = p.add_argument_group('evaluation and output')
     g.add_argument('--outdir', metavar='DIR', required=True, help='run directory; an existing run there is resumed')
