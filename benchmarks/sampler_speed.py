@@ -18,6 +18,7 @@ import torch
 
 from var_bench_models import add_size_options, describe, random_models
 from var_ext import sampler
+from var_ext.options import add_amp_option, autocast
 
 
 def timed(fn, device):
@@ -33,14 +34,13 @@ def timed(fn, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_options(parser, depth=6, batch=8)
-    parser.add_argument('--amp', choices=['fp32', 'bf16', 'fp16'], default='bf16', help='autocast dtype on CUDA (default: %(default)s)')
+    add_amp_option(parser)
     args = parser.parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cfg, vae, var = random_models(args, device)
     var.eval()
     labels = torch.arange(args.batch, device=device) % cfg.num_classes
-    dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
-    amp = torch.autocast('cuda', dtype=dtype, enabled=device.type == 'cuda' and dtype is not None)
+    amp = autocast(device, args.amp)
     no_decode = unittest.mock.patch.object(vae, 'fhat_to_img', lambda f_hat: f_hat)   # only inside this benchmark
     runs = {
         ('tokens', 'ours'): lambda: sampler.sample(var, labels, cfg=0),

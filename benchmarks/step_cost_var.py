@@ -16,6 +16,8 @@ import torch
 
 from var_bench_models import add_size_options, describe, random_models
 from var_ext import models
+from var_ext.options import add_amp_option
+from var_ext.train import AMP_MODES
 from var_ext.trainer import build_optimizer, make_trainer
 
 
@@ -23,12 +25,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='step_cost.py --backend var', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_options(parser, depth=4, batch=8)
-    parser.add_argument('--amp', choices=['fp32', 'bf16', 'fp16'], default='bf16', help='AMP on CUDA, as upstream --fp16 (default: %(default)s)')
+    add_amp_option(parser)
     args = parser.parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cfg, vae, var = random_models(args, device)
     ref = models.frozen_copy(var)
-    amp = {'fp32': 0, 'fp16': 1, 'bf16': 2}[args.amp] if device.type == 'cuda' else 0
+    amp = AMP_MODES[args.amp] if device.type == 'cuda' else 0
     opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=amp, var_root=args.var_root)
     trainer = make_trainer(vae, var, ref, var, opt, alpha=50.0, beta=0.02, var_root=args.var_root)
     images = torch.rand(args.batch, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1

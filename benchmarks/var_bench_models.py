@@ -5,13 +5,14 @@ import torch
 from var_ext import models
 
 
-def add_size_options(parser, depth, batch):
+def add_size_options(parser, depth, batch, vae_ch=160, timed=True):
     parser.add_argument('--var-root', metavar='DIR', help='FoundationVision/VAR checkout (default: $VAR_ROOT, then the cache)')
     parser.add_argument('--depth', metavar='INT', type=int, default=depth, help='VAR depth, width 64 * depth (default: %(default)s)')
     parser.add_argument('--batch', metavar='INT', type=int, default=batch, help='samples per step (default: %(default)s)')
     parser.add_argument('--patch-nums', metavar='LIST', default='1_2_3_4_5_6_8_10_13_16', help='token pyramid (default: %(default)s)')
-    parser.add_argument('--vae-ch', metavar='INT', type=int, default=160, help='VQVAE width (default: %(default)s, the official one)')
-    parser.add_argument('--repeats', metavar='INT', type=int, default=3, help='timed repetitions, median reported (default: %(default)s)')
+    parser.add_argument('--vae-ch', metavar='INT', type=int, default=vae_ch, help='VQVAE width (default: %(default)s; 160 is the official one)')
+    if timed:
+        parser.add_argument('--repeats', metavar='INT', type=int, default=3, help='timed repetitions, median reported (default: %(default)s)')
     parser.add_argument('--threads', metavar='INT', type=int, help='torch CPU threads (default: torch\'s choice)')
 
 

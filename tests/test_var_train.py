@@ -25,18 +25,20 @@ def argv(files, outdir, *extra):
             '--workers', '0', '--global-batch', '8', '--outdir', str(outdir), *extra]
 
 
-def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root):
+def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root, capsys):
     assert train.main(argv(files, tmp_path / 'run', '--iterations', '3', '--eval-every', '2', '--eval-samples', '10',
-                           '--metric', 'var_tiny:brightness', '--eval-cfg', '1.5')) == 3
+                           '--metric', 'var_tiny:brightness', '--eval-cfg', '0,1.5')) == 3
     run = tmp_path / 'run'
     log = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
     assert [r['iteration'] for r in log] == [1, 2, 3]
+    printed = [float(line.split(' samples/s')[0].rsplit(' ', 1)[1]) for line in capsys.readouterr().out.splitlines() if 'samples/s' in line]
+    assert printed == [pytest.approx(r['Timing/samples_per_s'], rel=5e-3) for r in log]   # 3 significant digits
     for key in ('Loss/loss', 'DDO/loss_real', 'DDO/loss_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake',
                 'Timing/samples_per_s', 'Progress/lr', 'Timing/seconds_generate'):
         assert all(key in r for r in log)
     metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
-    assert all(m['score'] == m['cfg=0'] for m in metrics)   # --best-by free: guidance-free selects
+    assert all(m['score'] == m['cfg=0'] for m in metrics)   # --select-cfg 0 (the default): guidance-free selects
     # a fresh upstream VAR (upstream's own builder) takes both checkpoints with strict=True
     upstream_models = models.import_upstream(var_root)
     with models.upstream_initialisation_disabled():
@@ -47,6 +49,23 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     last = torch.load(run / 'var-ddo-last.pth')
     assert not torch.equal(last['head.weight'], torch.load(files[1])['head.weight'])   # it trained
     assert torch.load(run / 'training-state.pth', weights_only=False)['iteration'] == 3
+
+
+def test_select_cfg_picks_the_best_checkpoint_by_that_scale(files, tmp_path):
+    """Three scales evaluated, each recorded; the guided 1.5 selects: `score`, `best` and the resumable state follow
+    cfg=1.5 only."""
+    assert train.main(argv(files, tmp_path / 'run', '--iterations', '4', '--eval-every', '1', '--eval-samples', '10', '--lr', '3e-3',
+                           '--metric', 'var_tiny:brightness', '--eval-cfg', '0,1.5,3', '--select-cfg', '1.5')) == 4
+    metrics = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iteration'] for m in metrics] == [0, 1, 2, 3, 4]
+    assert all(sorted(k for k in m if k.startswith('cfg=')) == ['cfg=0', 'cfg=1.5', 'cfg=3'] for m in metrics)
+    assert all(m['score'] == m['cfg=1.5'] for m in metrics)
+    assert len({m['cfg=0'] for m in metrics}) > 1 and len({m['cfg=1.5'] for m in metrics}) > 1   # the scores move
+    for i, m in enumerate(metrics):
+        best = min(metrics[:i + 1], key=lambda r: (r['cfg=1.5'], r['iteration']))
+        assert m['best'] == best['iteration']
+    state = torch.load(tmp_path / 'run' / 'training-state.pth', weights_only=False)
+    assert state['best'] == {'iteration': metrics[-1]['best'], 'score': min(m['cfg=1.5'] for m in metrics), 'by': 'cfg=1.5'}
 
 
 def test_images_are_tokenised_through_the_vqvae(files, tmp_path):
@@ -88,6 +107,9 @@ def test_resume_continues_from_the_saved_iteration(files, tmp_path, stop):
     (('--ddo-alpha', '-1'), 'alpha must be a finite number >= 0'),
     (('--ddo-beta', '0'), 'beta must be a finite number > 0'),
     (('--batch-gpu', '3'), '--batch-gpu 3 must divide the per-rank batch 8'),
+    (('--eval-cfg', '0,1.5', '--select-cfg', '2'), 'the selecting scale 2 is not one of the evaluated scales 0,1.5 (--eval-cfg/--select-cfg)'),
+    (('--eval-cfg', '0,-1'), "bad guidance scales '0,-1'; give distinct numbers >= 0, e.g. 0,1.5"),
+    (('--eval-cfg', '0,0'), "bad guidance scales '0,0'"),
 ])
 def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -95,6 +117,20 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(files, tmp_path, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('error: ') and message in err[-1], err[-1]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_data_with_a_broken_torchvision_fails_in_one_line(files, tmp_path, capsys, monkeypatch):
+    """A torchvision built for another torch (`pip install torchvision==0.28.0` next to torch 2.13.0+cpu) fails on
+    import with a RuntimeError, not an ImportError; --data must still stop with one line."""
+    from test_var_options import broken_torchvision
+    broken_torchvision(tmp_path, monkeypatch, 'raise RuntimeError("operator torchvision::nms does not exist")')
+    args = argv(files, tmp_path / 'run', '--iterations', '2')
+    args[args.index('--dataset'):args.index('--dataset') + 2] = ['--data', str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith('error: --data uses upstream') and 'torchvision::nms' in err[-1]
     assert not (tmp_path / 'run').exists()
 
 

@@ -6,12 +6,15 @@ concatenated coarse to fine. `--dataset module:function` is called as `function(
 such a dataset; the tests use it to feed a synthetic token distribution.
 
 Upstream's `utils/data.build_dataset` needs torchvision (ImageFolder, Resize/Crop); it is imported only
-when `--data` is used, so that everything else runs without it.
+when `--data` is used, so that everything else runs without it. A torchvision that is missing or does not
+fit the installed torch (its import raises, e.g. `RuntimeError: operator torchvision::nms does not exist`)
+stops the run with one line naming the fix.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -37,11 +40,23 @@ def build_dataset(data_path, dataset_spec, resolution: int, var_root=None):
         raise DDOPatchError('give --data (an ImageFolder root with train/ and val/, as upstream) or --dataset module:function')
     try:
         import torchvision  # noqa: F401  (upstream's pipeline is built on it)
-    except ImportError:
-        raise DDOPatchError('--data uses upstream\'s torchvision ImageFolder pipeline, but torchvision is not installed; '
-                            'install the torchvision that matches your torch, or pass --dataset module:function') from None
+    except Exception as err:  # noqa: BLE001 (missing, or built for another torch: RuntimeError 'operator torchvision::nms ...')
+        first_line = (str(err).strip().splitlines() or [''])[0]
+        missing = isinstance(err, ModuleNotFoundError) and err.name == 'torchvision'
+        problem = 'torchvision is not installed' if missing else f'importing torchvision fails ({type(err).__name__}: {first_line})'
+        raise DDOPatchError(f'--data uses upstream\'s torchvision ImageFolder pipeline, but {problem}; install the torchvision '
+                            f'built for your torch {torch.__version__}, or pass --dataset module:function') from None
     _, train_set, _ = import_upstream(var_root, 'utils.data').build_dataset(data_path, final_reso=resolution)
     return train_set
+
+
+def default_workers(most: int = 4) -> int:
+    """Data-loader processes per rank: up to `most`, leaving one of this rank's share of the CPUs to the training
+    process (1 on a 2-core machine, 0 on one core), so that torch's DataLoader never warns that it starts more
+    workers than the machine has CPUs. Upstream VAR's default, `--workers 0`, loads in the training process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))   # torchrun's processes on this machine
+    return max(0, min(most, cpus // local_ranks - 1))
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

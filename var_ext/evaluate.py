@@ -1,12 +1,12 @@
 """Score one VAR checkpoint with a metric of yours, as `var_ext.train` scores its checkpoints during a round.
 
     torchrun --nproc_per_node=8 -m var_ext.evaluate --net var_d16.pth --depth 16 --vae vae_ch160v4096z32.pth \\
-        --metric my_fid:fid50k --seeds 0-49999 --cfg 0 --cfg 1.5 --dest eval.json
+        --metric my_fid:fid50k --seeds 0-49999 --cfg 0,1.5 --dest eval.json
 
 The images of seed s have class s % num_classes and their own generator (`var_ext.evaluator`), so the same
 seeds give the same images whatever the number of processes. Writes --dest (JSON): the checkpoint, the
-seeds, one score per guidance scale (`cfg=0`, `cfg=1.5`, ...) and `score`, the one that selects
-(`--best-by`, as in var_ext.train). The round manager runs it once per round on the reference.
+seeds, one score per guidance scale (`cfg=0`, `cfg=1.5`, ...) and `score`, the one of `--select-cfg`
+(as var_ext.train's --eval-cfg and --select-cfg). The round manager runs it once per round on the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ddo_patch.files import write_atomic
 from ddo_patch.seeds import parse_seeds
 from var_ext import datasets, run_files
 from var_ext.evaluator import Evaluator
-from var_ext.options import add_model_options, autocast, init_distributed, load_pretrained
+from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
 
 def parse_args(argv=None):
@@ -31,10 +31,11 @@ def parse_args(argv=None):
     g = p.add_argument_group('evaluation')
     g.add_argument('--metric', metavar='MODULE:FN', required=True, help='FN(images uint8 NHWC, labels) -> float, lower is better')
     g.add_argument('--seeds', metavar='LIST', default='0-49999', help='sampling seeds, e.g. 0-49999 (default: %(default)s)')
-    g.add_argument('--cfg', metavar='FLOAT', type=float, action='append', help='guidance scale, repeatable; 0 = guidance-free (default: 0)')
-    g.add_argument('--best-by', choices=['free', 'cfg'], default='free', help='which score is `score` (default: %(default)s)')
+    g.add_argument('--cfg', metavar='LIST', default='0', help='guidance scales, e.g. 0,1.5; 0 = guidance-free (default: %(default)s)')
+    g.add_argument('--select-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_SELECT_CFG,
+                   help='the scale whose score is `score` (default: %(default)s)')
     g.add_argument('--batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
-    g.add_argument('--amp', choices=['fp32', 'fp16', 'bf16'], default='bf16', help='autocast dtype on CUDA; CPU runs fp32 (default: %(default)s)')
+    add_amp_option(g)
     g.add_argument('--dest', metavar='JSON', required=True, help='where the scores go')
     return p.parse_args(argv)
 
@@ -42,15 +43,10 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    scales = args.cfg or [0.0]
-    if any(w < 0 for w in scales) or args.batch < 1:
-        raise DDOPatchError(f'--cfg must be >= 0 (0 = guidance-free) and --batch >= 1, got {scales} and {args.batch}')
-    guided = [w for w in scales if w]
-    if args.best_by == 'cfg' and len(guided) != 1:
-        raise DDOPatchError(f'--best-by cfg needs exactly one guided --cfg scale, got {guided}')
-    key = run_files.score_key(guided[0] if guided else 0.0, args.best_by)
-    if key not in {f'cfg={w:g}' for w in scales}:
-        raise DDOPatchError(f'--best-by {args.best_by} selects {key}, which is not evaluated; add --cfg 0')
+    if args.batch < 1:
+        raise DDOPatchError(f'--batch must be >= 1, got {args.batch}')
+    scales = run_files.parse_scales(args.cfg)
+    key = run_files.check_selected(scales, args.select_cfg, '--cfg/--select-cfg')
     seeds = parse_seeds(args.seeds)
     metric = datasets.resolve(args.metric, '--metric')
     rank, world_size, device = init_distributed()

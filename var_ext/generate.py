@@ -9,6 +9,9 @@ the seeds, and an interrupted run is resumed by rerunning the command (existing 
 images exist, rank 0 writes `samples_NxHxWx3.npz` with `arr_0` (uint8 NHWC, in seed order) and `arr_1`
 (labels), the layout of guided-diffusion's sampler and evaluator.
 
+`--classes 0,5-9` keeps only the seeds of those classes (--per-class each): to look at a checkpoint without
+sampling all 1000 classes. They are the same seeds, hence the same images, as in the full set.
+
 Guidance-free is `--cfg 0`. Other values use upstream's ramped CFG, t = cfg * si / (num_scales - 1); at the
 pinned upstream commit `--cfg 1.0` is guided (NVlabs/DDO's README calls its `--cfg 1.0` guidance-free).
 VAR's released FIDs use `--top-k 900 --top-p 0.96`; the DDO paper reports its models without them.
@@ -26,9 +29,9 @@ from tqdm import tqdm
 from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
-from ddo_patch.seeds import balanced_labels
+from ddo_patch.seeds import balanced_labels, parse_seeds
 from var_ext.evaluator import generate_balanced
-from var_ext.options import add_model_options, autocast, init_distributed, load_pretrained
+from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
 
 def parse_args(argv=None):
@@ -38,12 +41,13 @@ def parse_args(argv=None):
     g = p.add_argument_group('sampling')
     g.add_argument('--outdir', metavar='DIR', required=True, help='where the PNGs (images/) and the .npz go')
     g.add_argument('--per-class', metavar='INT', type=int, default=50, help='images per class (default: %(default)s, i.e. 50k for ImageNet)')
+    g.add_argument('--classes', metavar='LIST', help='only these classes, e.g. 0,5-9 (default: all)')
     g.add_argument('--cfg', metavar='FLOAT', type=float, default=0.0, help='0 = guidance-free; else upstream\'s ramped CFG scale (default: %(default)s)')
     g.add_argument('--top-k', metavar='INT', type=int, default=0, help='keep the k most likely tokens, 0 = off (default: %(default)s)')
     g.add_argument('--top-p', metavar='FLOAT', type=float, default=0.0, help='nucleus mass to keep, 0 = off (default: %(default)s)')
     g.add_argument('--batch', metavar='INT', type=int, default=64, help='images per batch and GPU (default: %(default)s)')
     g.add_argument('--seed-offset', metavar='INT', type=int, default=0, help='first seed (default: %(default)s)')
-    g.add_argument('--amp', choices=['fp32', 'fp16', 'bf16'], default='bf16', help='autocast dtype on CUDA; CPU runs fp32 (default: %(default)s)')
+    add_amp_option(g)
     g.add_argument('--no-npz', action='store_true', help='write PNGs only')
     return p.parse_args(argv)
 
@@ -55,6 +59,22 @@ def validate(args):
         raise DDOPatchError(f'--cfg must be >= 0 (0 = guidance-free), got {args.cfg}')
     if args.top_k < 0 or not 0 <= args.top_p < 1:
         raise DDOPatchError(f'need --top-k >= 0 and 0 <= --top-p < 1, got {args.top_k} and {args.top_p}')
+
+
+def sampled_seeds(args, num_classes: int) -> list:
+    """The seeds to sample: --per-class of every class, or only of --classes (the same seeds as in the full set)."""
+    seeds = range(args.seed_offset, args.seed_offset + args.per_class * num_classes)
+    if args.classes is None:
+        return list(seeds)
+    try:
+        classes = set(parse_seeds(args.classes))
+    except DDOPatchError:
+        raise DDOPatchError(f'bad class list --classes "{args.classes}"; write e.g. 0,5-9') from None
+    outside = sorted(c for c in classes if not 0 <= c < num_classes)
+    if outside:
+        raise DDOPatchError(f'--classes {args.classes} names class {outside[0]}, outside [0, {num_classes}); '
+                            f'check --classes or --num-classes')
+    return [s for s in seeds if s % num_classes in classes]
 
 
 def png_path(outdir, seed):
@@ -78,8 +98,8 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     rank, world_size, device = init_distributed()
+    seeds = sampled_seeds(args, args.num_classes)   # a bad --classes fails before a model is built
     model_cfg, _, var = load_pretrained(args, args.net, device)
-    seeds = list(range(args.seed_offset, args.seed_offset + args.per_class * model_cfg.num_classes))
     os.makedirs(os.path.join(args.outdir, 'images'), exist_ok=True)
     todo = [s for s in seeds[rank::world_size] if not os.path.isfile(png_path(args.outdir, s))]
     if rank == 0:

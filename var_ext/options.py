@@ -45,6 +45,15 @@ def init_distributed():
 
 
 AMP_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# Upstream VAR's own precision (train.py --fp16=1, its sampling demo): under fp16, DDO's log-ratio
+# log p_theta - log p_ref is rounded about 10x less than under bf16 (benchmarks/var_amp_delta.py, docs/var.md).
+DEFAULT_AMP = 'fp16'
+
+
+def add_amp_option(group):
+    group.add_argument('--amp', choices=list(AMP_DTYPES), default=DEFAULT_AMP,
+                       help='autocast dtype on CUDA (bf16 rounds DDO\'s log-ratio ~10x more, see docs/var.md); '
+                            'CPU runs fp32 (default: %(default)s)')
 
 
 def autocast(device, amp: str):

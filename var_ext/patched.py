@@ -48,7 +48,7 @@ def var_ext_argv(args, var_root, argv) -> list:
         out += ['--data', args.data_path]
     if args.seed is not None:
         out += ['--seed', str(args.seed)]
-    if args.workers != 0:   # upstream: 0 = automatic (var_ext's default), -1 = no worker processes
+    if args.workers != 0:   # upstream's 0 (its comment: "auto") keeps var_ext's automatic default; -1 (none) -> 0
         out += ['--workers', str(max(args.workers, 0))]
     return out + list(args.extra_args)
 

@@ -1,9 +1,11 @@
 """The round manager's VAR backend (`backend = "var_ext.rounds_backend.RoundsBackend"`).
 
 Per sweep point `var_ext.train --no-initial-eval`, which samples its reference online from the batch's
-labels, evaluates every run.eval_every iterations itself (`metrics.jsonl`, each row with the `score` that
-selects) and keeps `var-ddo-best.pth`; the reference is scored once per round by `var_ext.evaluate`, on
-the same seeds (0 .. evaluate.samples - 1). Steps are iterations.
+labels, evaluates every run.eval_every iterations itself at each guidance scale of evaluate.cfg
+(`metrics.jsonl`, each row with one score per scale and the `score` of evaluate.select_cfg, which selects)
+and keeps `var-ddo-best.pth`; the reference is scored once per round by `var_ext.evaluate`, on the same
+seeds (0 .. evaluate.samples - 1) and scales. The manifest records every scale's score of every evaluation
+(`scores`) besides the selecting `score`. Steps are iterations.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class RoundsBackend(Backend):
     train_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers',
                      'label_drop', 'global_batch', 'batch_gpu', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd',
                      'grad_clip', 'amp', 'seed', 'log_every')
-    evaluate_options = ('metric', 'samples', 'cfg', 'batch', 'best_by', 'report_seeds')
+    evaluate_options = ('metric', 'samples', 'cfg', 'select_cfg', 'batch', 'report_seeds')
     ddo_image_cost = 3.4   # measured with its online reference sampling: benchmarks/step_cost.py --backend var
     model_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z')   # var_ext.options
     file_options = ('vae',)
@@ -37,18 +39,33 @@ class RoundsBackend(Backend):
             raise cfg.error(f'evaluate.metric must be MODULE:FUNCTION for var, got {cfg.evaluate["metric"]!r}')
         if cfg.data is None and 'dataset' not in cfg.train:
             raise cfg.error('var needs data (an ImageFolder root) or train.dataset (MODULE:FUNCTION)')
-        if self.reports():
-            try:
+        try:
+            self._score_key()
+            if self.reports():
                 check_disjoint({'the evaluation seeds (0 .. evaluate.samples - 1)': parse_seeds(self.evaluation_seeds('select')),
                                 'evaluate.report_seeds': parse_seeds(self.evaluation_seeds('report'))})
-            except DDOPatchError as err:
-                raise cfg.error(str(err)) from None
+        except DDOPatchError as err:
+            raise cfg.error(str(err)) from None
 
     def metric_label(self):
         return f'{self.cfg.evaluate["metric"]} ({self._score_key()})'
 
+    def _scales(self) -> tuple:
+        return run_files.parse_scales(self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG))
+
+    def _select_cfg(self) -> float:
+        value = self.cfg.evaluate.get('select_cfg', run_files.DEFAULT_SELECT_CFG)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DDOPatchError(f'evaluate.select_cfg must be one of the guidance scales of evaluate.cfg, got {value!r}') from None
+
     def _score_key(self):
-        return run_files.score_key(self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG), self.cfg.evaluate.get('best_by', 'free'))
+        return run_files.check_selected(self._scales(), self._select_cfg(), 'evaluate.cfg/evaluate.select_cfg')
+
+    def _scale_options(self, scales_option) -> list:
+        """The evaluated scales and the selecting one, as var_ext.train (--eval-cfg) and var_ext.evaluate (--cfg) take them."""
+        return [scales_option, run_files.format_scales(self._scales()), '--select-cfg', f'{self._select_cfg():g}']
 
     def _root(self):
         return ['--var-root', self.cfg.upstream_root] if self.cfg.upstream_root else []
@@ -60,10 +77,9 @@ class RoundsBackend(Backend):
 
     def evaluation(self, snapshot, dest, purpose, options) -> Command:
         evaluate = self.cfg.evaluate
-        scale = evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG)
         args = ['--net', snapshot, '--dest', dest, '--metric', evaluate['metric'], '--seeds', self.evaluation_seeds(purpose),
-                '--cfg', '0'] + (['--cfg', str(scale)] if scale else [])
-        args += option_args({k: v for k, v in evaluate.items() if k in ('batch', 'best_by')})
+                *self._scale_options('--cfg')]
+        args += option_args({k: v for k, v in evaluate.items() if k == 'batch'})
         args += option_args({k: v for k, v in options.items() if k in self.model_options + ('amp',)})
         return Command('var_ext.evaluate', args + self._root())
 
@@ -71,23 +87,21 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return json.load(f)['score']
 
+    def evaluation_scores(self, path) -> dict:
+        with open(path) as f:
+            return _scores(json.load(f))
+
     def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
         cfg = self.cfg
-        evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'cfg', 'batch')}
-        if 'best_by' in cfg.evaluate:
-            evaluate['best_by'] = cfg.evaluate['best_by']
+        evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'batch')}
         args = ['--outdir', run_dir, '--ref', reference, '--ddo-alpha', str(alpha), '--ddo-beta', str(beta),
                 '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'],
-                '--no-initial-eval'] + (['--stop-at', str(stop_at)] if stop_at else [])
+                '--no-initial-eval', *self._scale_options('--eval-cfg')] + (['--stop-at', str(stop_at)] if stop_at else [])
         args += (['--data', cfg.data] if cfg.data else []) + option_args(evaluate) + option_args(options)
         return [Command('var_ext.train', args + self._root())]
 
     def train_images(self, options, steps) -> int:
         return steps * int(options.get('global_batch', 1024))
-
-    def _scales(self):
-        scale = self.cfg.evaluate.get('cfg', run_files.DEFAULT_EVAL_CFG)
-        return [0.0] + ([scale] if scale else [])
 
     def evaluation_samples(self, purpose) -> int:
         return len(parse_seeds(self.evaluation_seeds(purpose))) * len(self._scales())   # an image per seed and scale
@@ -107,4 +121,10 @@ class RoundsBackend(Backend):
         if not rows:
             return dict(evaluations=[], error=f'no evaluations in {run_dir}/{run_files.METRICS}')
         best_file = os.path.join(run_dir, run_files.BEST)
-        return dict(evaluations=[dict(step=it, snapshot=best_file, score=rows[it]['score']) for it in sorted(rows)], error=None)
+        return dict(evaluations=[dict(step=it, snapshot=best_file, score=rows[it]['score'], scores=_scores(rows[it]))
+                                 for it in sorted(rows)], error=None)
+
+
+def _scores(record) -> dict:
+    """{'cfg=0': score, 'cfg=1.5': score, ...} of a metrics.jsonl row or a var_ext.evaluate report."""
+    return {k: v for k, v in record.items() if k.startswith('cfg=')}

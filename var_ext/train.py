@@ -8,7 +8,8 @@ Writes to --outdir: `var-ddo-last.pth` and `var-ddo-best.pth` (plain VAR state d
 upstream `var.load_state_dict(..., strict=True)`), `training-state.pth` (optimiser and iteration, to
 resume: rerun the same command), `training_options.json`, `log.jsonl` (the loss terms and discriminator
 accuracies under the names edm2_ext.train logs them in stats.jsonl, samples/s, lr) and `metrics.jsonl`
-(each evaluation, with the `score` that selects). The options mirror edm2_ext.train's: `--ref` the
+(each evaluation: one score per guidance scale of `--eval-cfg`, and the `score` of `--select-cfg`, which
+selects; the paper keeps the best of "guidance-free / a moderate CFG scale" every 4 iterations). The options mirror edm2_ext.train's: `--ref` the
 pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
 `--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
 AMP only on CUDA.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import time
 
@@ -28,7 +30,7 @@ import torch.distributed as tdist
 from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import check_hyperparameters
-from var_ext import checkpoints, datasets, models, run_files
+from var_ext import checkpoints, datasets, models, options, run_files
 from var_ext.evaluator import Evaluator
 from var_ext.options import add_model_options, init_distributed, load_pretrained
 from var_ext.trainer import TIMINGS, build_optimizer, make_trainer
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root with train/ and val/ (upstream pipeline; needs torchvision)')
     g.add_argument('--dataset', metavar='MODULE:FN', help='instead of --data: FN(resolution) -> dataset of (image or tokens, label)')
-    g.add_argument('--workers', metavar='INT', type=int, default=4, help='data loader processes per rank (default: %(default)s)')
+    g.add_argument('--workers', metavar='INT', type=int, default=datasets.default_workers(),
+                   help='data loader processes per rank (default: min(4, CPUs per process on this machine - 1), here %(default)s)')
     g = p.add_argument_group('DDO (appendix C)')
     g.add_argument('--ddo-alpha', metavar='FLOAT', type=float, default=50.0, help='weight of the reference-sample term; paper sweeps 10-100 (default: %(default)s)')
     g.add_argument('--ddo-beta', metavar='FLOAT', type=float, default=0.02, help='discriminator temperature (default: %(default)s)')
@@ -60,16 +63,18 @@ def parse_args(argv=None):
     g.add_argument('--wpe', metavar='FRAC', type=float, default=0.01, help='lr at the end, relative to peak (default: %(default)s)')
     g.add_argument('--wd', metavar='FLOAT', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     g.add_argument('--grad-clip', metavar='FLOAT', type=float, default=2.0, help='gradient-norm clip, <=0 off (default: %(default)s)')
-    g.add_argument('--amp', choices=sorted(AMP_MODES), default='bf16', help='autocast dtype on CUDA; CPU always runs fp32 (default: %(default)s)')
+    options.add_amp_option(g)
     g.add_argument('--seed', metavar='INT', type=int, default=0, help='data order, reference samples and dropout masks (default: %(default)s)')
     g = p.add_argument_group('evaluation and output')
     g.add_argument('--outdir', metavar='DIR', required=True, help='run directory; an existing run there is resumed')
     g.add_argument('--metric', metavar='MODULE:FN', help='FN(images uint8 NHWC, labels) -> float, lower is better; without it only the last checkpoint is kept')
     g.add_argument('--eval-every', metavar='INT', type=int, default=4, help='evaluate every INT iterations, and at 0 and the end (default: %(default)s)')
     g.add_argument('--eval-samples', metavar='INT', type=int, default=50000, help='class-balanced images per evaluation (default: %(default)s)')
-    g.add_argument('--eval-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_EVAL_CFG, help='second evaluation at this upstream CFG scale; 0 = guidance-free only (default: %(default)s)')
+    g.add_argument('--eval-cfg', metavar='LIST', default=run_files.format_scales(run_files.DEFAULT_EVAL_CFG),
+                   help='guidance scales to evaluate at, e.g. 0,1.5; 0 = guidance-free (default: %(default)s)')
+    g.add_argument('--select-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_SELECT_CFG,
+                   help='the evaluated scale whose score picks the best checkpoint (default: %(default)s)')
     g.add_argument('--eval-batch', metavar='INT', type=int, default=64, help='images per sampling batch and rank (default: %(default)s)')
-    g.add_argument('--best-by', choices=['free', 'cfg'], default='free', help='which score picks the best checkpoint (default: %(default)s)')
     g.add_argument('--no-initial-eval', action='store_true', help='do not evaluate the starting model (the round manager scores the reference once per round)')
     g.add_argument('--log-every', metavar='INT', type=int, default=1, help='log every INT iterations (default: %(default)s)')
     g.add_argument('--slice', metavar='INT', type=int, help='leave after INT iterations of this invocation (job time limits); rerun to resume')
@@ -93,6 +98,14 @@ def validate(args, world_size):
         raise DDOPatchError('--eval-every and --log-every must be >= 1')
     if not args.data and not args.dataset:
         raise DDOPatchError('give --data (ImageFolder root) or --dataset module:function')
+    run_files.check_selected(run_files.parse_scales(args.eval_cfg), args.select_cfg, '--eval-cfg/--select-cfg')
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """`x` with at least `digits` significant digits and no exponent: 0.0123, 12.3, 1234 (never '0.0')."""
+    if x == 0 or not math.isfinite(x):
+        return f'{x:g}'
+    return f'{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}'
 
 
 def average_across_ranks(values: dict, world_size: int, device) -> dict:
@@ -211,10 +224,10 @@ def main(argv=None):
                                          batch_sampler=datasets.ResumableBatchSampler(len(dataset), args.global_batch, rank, world_size, args.seed, start))
     evaluator = None
     if metric is not None:
-        scales = (0.0, args.eval_cfg) if args.eval_cfg else (0.0,)
-        evaluator = Evaluator(metric, range(args.eval_samples), scales, args.outdir, args.eval_batch, rank, world_size)
+        evaluator = Evaluator(metric, range(args.eval_samples), run_files.parse_scales(args.eval_cfg), args.outdir,
+                              args.eval_batch, rank, world_size)
     lr_control = models.import_upstream(args.var_root, 'utils.lr_control')
-    score_key = run_files.score_key(args.eval_cfg, args.best_by)
+    score_key = run_files.score_key(args.select_cfg)
 
     def evaluate(iteration):
         nonlocal best
@@ -260,7 +273,7 @@ def main(argv=None):
             if rank == 0:
                 print(f'[it {iteration}/{args.iterations}] loss {stats["Loss/loss"]:.4f} (real {stats["DDO/loss_real"]:.4f} '
                       f'fake {stats["DDO/loss_fake"]:.4f}) acc real {stats["DDO/accuracy_real"]:.3f} fake '
-                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {record["Timing/samples_per_s"]:.1f} samples/s '
+                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {significant(record["Timing/samples_per_s"])} samples/s '
                       f'(generate {stats[TIMINGS[0]]:.2f}s, train {stats[TIMINGS[1]]:.2f}s)', flush=True)
         improved = False
         if evaluator is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):

@@ -11,7 +11,9 @@ adapter, subclasses `Backend`, and answers:
   (`reference_samples`, `evaluation`, `run_commands`), as `Command`s that the launcher runs through the
   codebase's native launcher; a sweep point does not evaluate its starting point, the reference;
 - what a finished run or evaluation recorded: the evaluations and their scores (`collect`,
-  `read_evaluation`). The manager takes the scores as the runs wrote them; it computes none itself.
+  `read_evaluation`, and `evaluation_scores` for what an evaluation scored besides the selecting score,
+  e.g. VAR's score at each guidance scale). The manager takes the scores as the runs wrote them; it
+  computes none itself.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class Backend:
     def read_evaluation(self, path) -> float:
         raise NotImplementedError
 
+    def evaluation_scores(self, path) -> dict:
+        """Every score the evaluation at `path` recorded, by name, for the manifest ({}: only the selecting one)."""
+        return {}
+
     def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
         """The job of one sweep point: train (to `stop_at` steps, a rung, or to the end of the round when None;
         a later call with a larger one continues the same run), then evaluate what is new."""
@@ -104,7 +110,8 @@ class Backend:
         return 0
 
     def collect(self, run_dir) -> dict:
-        """{'evaluations': [{'step', 'snapshot', 'score'}], 'error': None or why the run has no result}."""
+        """{'evaluations': [{'step', 'snapshot', 'score'}, ...], 'error': None or why the run has no result}; an
+        evaluation may carry more (VAR: 'scores', one per guidance scale), which the manifest records as is."""
         raise NotImplementedError
 
 

@@ -152,8 +152,8 @@ class _Evaluation:
         if not math.isfinite(score):
             raise DDOPatchError(f'round {self.record["round"]}: {self.backend.metric_label()} of {self.snapshot} is {score}; '
                                 f'see {os.path.join(workdir, self.dest)}')
-        return dict(score=score, source='evaluated', snapshot=self.snapshot, purpose=self.purpose,
-                    seeds=self.backend.evaluation_seeds(self.purpose),
+        return dict(score=score, scores=self.backend.evaluation_scores(os.path.join(workdir, self.dest)), source='evaluated',
+                    snapshot=self.snapshot, purpose=self.purpose, seeds=self.backend.evaluation_seeds(self.purpose),
                     command=command_line(self.cfg.launcher, self.command), **status)
 
 
