@@ -47,11 +47,11 @@ EMA = '0.100'
 # Sizes: `full` is the documented run; `quick` is the suite's reduced run of the same pipeline (tests/test_digits.py).
 SIZES = {
     'full': dict(net=['--channels', '16', '--channel-mult', '1,2', '--blocks', '2'], batch=128, lr=5e-3, decay=250,
-                 duration=160, snapshot=32, guide=64, guidance=[1.25, 1.5, 2.0], steps=16, classifier_epochs=None,
+                 duration=512, snapshot=32, guide=64, guidance=[1.25, 1.5, 2.0], steps=16, classifier_epochs=None,
                  config={}),
     'quick': dict(net=['--channels', '16', '--channel-mult', '1,2', '--blocks', '1'], batch=64, lr=1e-2, decay=0,
                   duration=8, snapshot=8, guide=None, guidance=[], steps=8, classifier_epochs=4,
-                  config={'rounds': '1', 'pretraining_images': '"8Ki"', 'run.duration': '"2Ki"', 'run.eval_every': '"2Ki"',
+                  config={'rounds': '1', 'run.duration': '"2Ki"', 'run.eval_every': '"2Ki"',
                           'sweep.alpha': '[0.5]', 'sweep.beta': '[0.05]', 'train.lr': '1e-3', 'train.checkpoint': '"2Ki"',
                           'evaluate.steps': '8', 'reference_samples.count': '500', 'reference_samples.steps': '16'}),
 }
@@ -206,8 +206,11 @@ def main():
     parser.add_argument('--report-seeds', type=int, default=5000, help='Samples of each reported number (disjoint seeds).')
     parser.add_argument('--noise-sets', type=int, default=3, help='Disjoint report-size seed sets of the MLE model, the report seeds one of them (FID spread).')
     parser.add_argument('--size', choices=sorted(SIZES), default='full', help='full: the documented run; quick: the test suite\'s.')
+    parser.add_argument('--pretrain-kimg', type=int, default=None, help='Pretraining length in Ki images (a multiple of 32).  [default: the size\'s]')
     args = parser.parse_args()
-    out, size = os.path.abspath(args.outdir), SIZES[args.size]
+    out, size = os.path.abspath(args.outdir), dict(SIZES[args.size])
+    size['duration'] = args.pretrain_kimg or size['duration']
+    size['config'] = dict(size['config'], pretraining_images=f'"{size["duration"]}Ki"')
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     select, report = seed_list(0, args.select_seeds), seed_list(100_000, args.report_seeds)
@@ -224,7 +227,7 @@ def main():
     ev, cache = Evaluator(out, size['steps']), Cache(os.path.join(out, 'scores.json'))
     curve = []
     for kimg in range(size['snapshot'], size['duration'] + 1, size['snapshot']):
-        score = cache.get(f'pretrain {kimg} select', lambda k=kimg: ev.evaluate(snapshot(os.path.join(out, 'pretrain'), k), select))
+        score = cache.get(f'pretrain {kimg} select {len(select)}', lambda k=kimg: ev.evaluate(snapshot(os.path.join(out, 'pretrain'), k), select))
         curve.append(dict(kimg=kimg, **score))
         log(f'    pretraining curve: {kimg}Ki images  FID {score["fid"]:.3f}')
 
@@ -246,7 +249,7 @@ def main():
     if size['guide']:
         log(f'5/6 autoguidance by the {size["guide"]}Ki snapshot, weights {size["guidance"]}')
         guide = snapshot(os.path.join(out, 'pretrain'), size['guide'])
-        sweep = {w: cache.get(f'guidance {w} select', lambda w=w: ev.evaluate(pretrained, select, guide, w))['fid'] for w in size['guidance']}
+        sweep = {w: cache.get(f'guidance {w} select {len(select)}', lambda w=w: ev.evaluate(pretrained, select, guide, w))['fid'] for w in size['guidance']}
         best = min(sweep, key=sweep.get)
         log(f'    selection FID by weight: {sweep}; best {best}')
         models[f'autoguidance w={best:g} (2x NFE)'] = dict(path=pretrained, guide=guide, guidance=best)
