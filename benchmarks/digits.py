@@ -66,7 +66,10 @@ class Cache:
 
     def __init__(self, path):
         self.path = path
-        self.data = json.load(open(path)) if os.path.isfile(path) else {}
+        self.data = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.data = json.load(f)
 
     def get(self, key, compute):
         if key not in self.data:
@@ -97,7 +100,7 @@ def subprocess_env(out):
 def run(args, out, log_name):
     """python ARGS, its output in OUT/LOG_NAME; raises with the tail on failure."""
     with open(os.path.join(out, log_name), 'a') as f:
-        proc = subprocess.run([sys.executable] + args, cwd=out, env=subprocess_env(out), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable] + args, cwd=out, env=subprocess_env(out), stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
         sys.exit(f'{args[:2]} failed; see {os.path.join(out, log_name)}')
 
@@ -183,12 +186,16 @@ def rounds(out, size, pretrained, select):
     config = os.path.join(out, 'digits-edm2.toml')
     with open(CONFIG) as f:
         text = edit_config(f.read(), values)
-    if not os.path.isfile(config) or open(config).read() != text:
+    previous = None
+    if os.path.isfile(config):
+        with open(config) as f:
+            previous = f.read()
+    if previous != text:   # a changed one (other seeds, sizes) the manager refuses for a work directory in progress
         write_atomic(config, lambda f: f.write(text.encode()))
     env = dict(subprocess_env(out), DDO_DIGITS_PRETRAINED=pretrained)
     with open(os.path.join(out, 'rounds.log'), 'a') as f:
         proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', os.path.join(out, 'rounds')],
-                              cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT)
+                              cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
         sys.exit(f'the round manager failed; see {os.path.join(out, "rounds.log")}')
     with open(os.path.join(out, 'rounds', 'manifest.json')) as f:

@@ -86,7 +86,7 @@ def test_reduced_benchmark_ddo_round_beats_its_reference(edm2_root, tmp_path):
     script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'digits.py')
     env = dict(os.environ, OMP_NUM_THREADS='1', EDM2_ROOT=str(edm2_root))
     proc = subprocess.run([sys.executable, script, '--outdir', str(tmp_path), '--size', 'quick', '--select-seeds', '200',
-                           '--report-seeds', '200', '--noise-sets', '2'], env=env, capture_output=True, text=True, timeout=900)
+                           '--report-seeds', '200', '--noise-sets', '2'], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / 'digits.json').read_text())
     rows = {row['model'].split(' (')[0]: row for row in result['models']}
