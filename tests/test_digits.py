@@ -41,7 +41,7 @@ def test_dataset_writer_round_trips_in_edm2_layout(tmp_path):
 
 
 def test_classifier_training_is_deterministic_and_features_are_64_dim(tmp_path, monkeypatch):
-    """(~3 s) Two seeded runs give the same weights; the detector loads them from $DDO_DIGITS and says how to make them."""
+    """(4 s; 11 s on the loaded machine) Two seeded runs give the same weights; the detector loads them from $DDO_DIGITS and says how to make them."""
     images, labels = digits.load_digits()
     x = torch.as_tensor(images[:200])[:, None].expand(-1, 3, -1, -1).contiguous()
     a = digits.train_classifier(x, labels[:200], epochs=2)
@@ -74,9 +74,10 @@ def test_upstream_reads_the_data_set(edm2_root, tmp_path):
 
 @pytest.mark.upstream
 def test_reduced_benchmark_ddo_round_beats_its_reference(edm2_root, tmp_path):
-    """(~100 s of CPU; about 4 min wall on a 2-core machine shared with other jobs) `benchmarks/digits.py --size quick`:
+    """(~95 s of CPU; 146 s wall on the 2-core machine at load 4, 260 s at load 8) `benchmarks/digits.py --size quick`:
     the same pipeline (data, classifier, upstream MLE pretraining, `ddo-patch rounds run` with one point and one round,
-    continued MLE, report) on an 8Ki-image model. Deterministic (seeded, one thread). Measured: MLE FID 390.8 and
+    continued MLE, report) on an 8Ki-image model. Deterministic (seeded, one thread; two runs gave the same numbers to
+    the last digit). Measured: MLE FID 390.8 and
     399.0 on two disjoint 200-sample seed sets, DDO round 1 317.5, continued MLE 277.8 (this undertrained model still
     gains from any training; the suite checks the direction, the benchmark the comparison). The margin asserted is
     three times the MLE's spread over the two seed sets."""
