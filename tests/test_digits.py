@@ -77,10 +77,9 @@ def test_reduced_benchmark_ddo_round_beats_its_reference(edm2_root, tmp_path):
     """(~95 s of CPU; 146 s wall on the 2-core machine at load 4, 260 s at load 8) `benchmarks/digits.py --size quick`:
     the same pipeline (data, classifier, upstream MLE pretraining, `ddo-patch rounds run` with one point and one round,
     continued MLE, report) on an 8Ki-image model. Deterministic (seeded, one thread; two runs gave the same numbers to
-    the last digit). Measured: MLE FID 390.8 and
-    399.0 on two disjoint 200-sample seed sets, DDO round 1 317.5, continued MLE 277.8 (this undertrained model still
-    gains from any training; the suite checks the direction, the benchmark the comparison). The margin asserted is
-    three times the MLE's spread over the two seed sets."""
+    the last digit). Measured: MLE FID 390.8 and 399.0 on two disjoint 200-sample seed sets, DDO round 1 317.5,
+    continued MLE 277.8 (this undertrained model still gains from any training; the suite checks the direction, the
+    benchmark the comparison). The margin asserted is three times the MLE's spread over the two seed sets (8.3)."""
     import os
     import subprocess
     import sys
