@@ -1,10 +1,12 @@
-"""Metric math shared by the adapters, the benchmarks and the demo: Frechet distance, coverage."""
+"""Metric math shared by the adapters, the benchmarks and the demo: Frechet distance, coverage, precision and
+recall, class consistency."""
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
 import scipy.spatial
+import scipy.spatial.distance
 
 from ddo_patch.errors import DDOPatchError
 
@@ -35,3 +37,41 @@ def coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> float:
     radii = real_tree.query(real, k=k + 1)[0][:, -1]  # k+1: the nearest point is the sample itself
     nearest_fake = scipy.spatial.cKDTree(fake).query(real, k=1)[0]
     return float(np.mean(nearest_fake <= radii))
+
+
+def _kth_neighbour_radii(points: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point of the same set."""
+    if len(points) <= k:
+        raise DDOPatchError(f'need more than k = {k} feature vectors for k-NN manifolds, got {len(points)}')
+    return scipy.spatial.cKDTree(points).query(points, k=k + 1)[0][:, -1]  # k+1: the nearest point is the point itself
+
+
+def _inside_manifold(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each point: does it lie in the ball of radius radii[j] around some centres[j]?"""
+    inside = np.zeros(len(points), dtype=bool)
+    for i in range(0, len(points), chunk):
+        distances = scipy.spatial.distance.cdist(points[i:i + chunk], centres)
+        inside[i:i + chunk] = (distances <= radii[None, :]).any(1)
+    return inside
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple:
+    """Improved precision and recall of Kynkaanniemi et al. 2019, in any feature space: each set's manifold is the
+    union of balls around its points with radius the distance to the k-th nearest neighbour in the set (k = 3, as
+    the paper); precision is the fraction of fake samples inside the real manifold (are samples realistic?),
+    recall the fraction of real samples inside the fake manifold (is the data covered?). Both depend on the two
+    sample counts (a larger set has smaller balls): compare models at the same counts."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise DDOPatchError(f'real and fake features must be [N, D] with the same D, got {real.shape} and {fake.shape}')
+    precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).mean()
+    recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).mean()
+    return float(precision), float(recall)
+
+
+def class_consistency(predicted, labels) -> float:
+    """The fraction of class-conditional samples that a classifier assigns to their conditioning label."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape or predicted.size == 0:
+        raise DDOPatchError(f'need one prediction per label, got {predicted.shape} predictions for {labels.shape} labels')
+    return float(np.mean(predicted == labels))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.metrics import coverage, feature_statistics, frechet_distance
+from ddo_patch.metrics import class_consistency, coverage, feature_statistics, frechet_distance, precision_recall
 from ddo_patch.seeds import balanced_labels
 
 
@@ -45,3 +45,26 @@ def test_balanced_labels_exact_for_any_multiple_of_the_classes():
     assert balanced_labels([40], 7)[0] == balanced_labels(range(0, 50), 7)[40]
     with pytest.raises(DDOPatchError):
         balanced_labels([0], 0)
+
+
+def test_precision_recall_of_kynkaanniemi_on_modes_and_outliers():
+    """(0.1 s) A set against itself is inside its own manifold; a fake set on one of two real modes has full
+    precision and half the recall; fakes far from the data lower precision by exactly their share."""
+    rng = np.random.default_rng(2)
+    real = np.concatenate([rng.normal(-5, 0.5, (1000, 3)), rng.normal(5, 0.5, (1000, 3))])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    precision, recall = precision_recall(real, rng.normal(5, 0.5, (2000, 3)))
+    assert precision > 0.94 and 0.45 < recall <= 0.5   # the other mode is not covered at all
+    far = np.concatenate([real[:1600], rng.normal(50, 0.5, (400, 3))])   # 20% of the fakes off the data
+    precision, recall = precision_recall(real, far)
+    assert 0.79 < precision <= 0.8 and recall > 0.97
+    with pytest.raises(DDOPatchError, match='same D'):
+        precision_recall(real, real[:, :2])
+    with pytest.raises(DDOPatchError, match='more than k'):
+        precision_recall(real[:3], real)
+
+
+def test_class_consistency_counts_matching_labels():
+    assert class_consistency([1, 2, 3, 0], [1, 2, 0, 0]) == 0.75
+    with pytest.raises(DDOPatchError, match='one prediction per label'):
+        class_consistency([1, 2], [1, 2, 3])
