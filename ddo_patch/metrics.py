@@ -33,10 +33,8 @@ def coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> float:
     """Coverage of Naeem et al. 2020: the fraction of real samples whose k-NN ball (radius = distance to
     the k-th nearest other real sample) contains at least one fake sample. A recall-side metric that,
     unlike recall, is not fooled by a few outliers."""
-    real_tree = scipy.spatial.cKDTree(real)
-    radii = real_tree.query(real, k=k + 1)[0][:, -1]  # k+1: the nearest point is the sample itself
     nearest_fake = scipy.spatial.cKDTree(fake).query(real, k=1)[0]
-    return float(np.mean(nearest_fake <= radii))
+    return float(np.mean(nearest_fake <= _kth_neighbour_radii(real, k)))
 
 
 def _kth_neighbour_radii(points: np.ndarray, k: int) -> np.ndarray:
