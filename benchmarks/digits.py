@@ -62,34 +62,52 @@ def log(message):
 
 
 class Cache:
-    """Scores by key in OUT/scores.json, written after each one, so a rerun evaluates nothing twice."""
+    """Scores by key in OUT/scores.json, written after each one, so a rerun evaluates nothing twice; merged with the
+    file's current content on each write, so two benchmarks sharing an --outdir (digits.py, sweep_policies.py) keep
+    each other's scores."""
 
     def __init__(self, path):
         self.path = path
-        self.data = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                self.data = json.load(f)
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        if not os.path.isfile(self.path):
+            return {}
+        with open(self.path) as f:
+            return json.load(f)
 
     def get(self, key, compute):
         if key not in self.data:
-            self.data[key] = compute()
+            self.data = dict(self._read(), **self.data)
+        if key not in self.data:
+            value = compute()
+            self.data = dict(self._read(), **self.data, **{key: value})
             write_atomic(self.path, lambda f: f.write(json.dumps(self.data, indent=1).encode()))
         return self.data[key]
 
 
 def edit_config(text, values) -> str:
-    """The config with `section.key = value` lines replaced (top-level keys without a section)."""
-    lines, section = [], ''
+    """The config with `section.key = value` lines replaced (top-level keys without a section), keys it lacks
+    added at the end of their section; a value None removes the line."""
+    lines, section, seen = [], '', set()
+
+    def add_missing(section):
+        lines.extend(f'{name.rpartition(".")[2]} = {value}' for name, value in values.items()
+                     if value is not None and name not in seen and name.rpartition('.')[0] == section)
+
     for line in text.splitlines():
         header = re.match(r'\[(\w+)\]', line)
-        section = header.group(1) if header else section
+        if header:
+            add_missing(section)
+            section = header.group(1)
         key = re.match(r'(\w+)\s*=', line)
         name = f'{section}.{key.group(1)}' if key and section else (key.group(1) if key else None)
+        seen.add(name)
         if name not in values:
             lines.append(line)
-        elif values[name] is not None:   # None: the line goes
+        elif values[name] is not None:
             lines.append(f'{key.group(1)} = {values[name]}')
+    add_missing(section)
     return '\n'.join(lines) + '\n'
 
 
@@ -180,10 +198,11 @@ def real_noise(ev) -> dict:
                 heldout=ev.score(heldout, labels))
 
 
-def rounds(out, size, pretrained, select):
-    """`ddo-patch rounds run` on configs/digits-edm2.toml with this run's seeds and sizes; the manifest."""
-    values = dict(size['config'], **{'evaluate.seeds': f'"{select}"', 'evaluate.report_seeds': None})
-    config = os.path.join(out, 'digits-edm2.toml')
+def rounds(out, size, pretrained, select, values=None, name='rounds'):
+    """`ddo-patch rounds run` on configs/digits-edm2.toml with this run's seeds and sizes (and the config edits
+    `values`) in OUT/NAME; the manifest."""
+    values = dict(size['config'], **{'evaluate.seeds': f'"{select}"', 'evaluate.report_seeds': None}, **(values or {}))
+    config = os.path.join(out, f'{name}.toml' if name != 'rounds' else 'digits-edm2.toml')
     with open(CONFIG) as f:
         text = edit_config(f.read(), values)
     previous = None
@@ -193,12 +212,12 @@ def rounds(out, size, pretrained, select):
     if previous != text:   # a changed one (other seeds, sizes) the manager refuses for a work directory in progress
         write_atomic(config, lambda f: f.write(text.encode()))
     env = dict(subprocess_env(out), DDO_DIGITS_PRETRAINED=pretrained)
-    with open(os.path.join(out, 'rounds.log'), 'a') as f:
-        proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', os.path.join(out, 'rounds')],
+    with open(os.path.join(out, f'{name}.log'), 'a') as f:
+        proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', os.path.join(out, name)],
                               cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
-        sys.exit(f'the round manager failed; see {os.path.join(out, "rounds.log")}')
-    with open(os.path.join(out, 'rounds', 'manifest.json')) as f:
+        sys.exit(f'the round manager failed; see {os.path.join(out, name + ".log")}')
+    with open(os.path.join(out, name, 'manifest.json')) as f:
         return json.load(f)
 
 
