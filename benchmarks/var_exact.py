@@ -239,8 +239,8 @@ def targets(rows, noise) -> dict:
 
 
 def write_report(out, result):
-    lines = [f'| model | cfg | precision: teacher log-lik of samples | recall: NLL of held-out teacher samples | '
-             f'entropy of the sampler | sampling cost |', '|---|---|---|---|---|---|']
+    lines = ['| model | cfg | precision: teacher log-lik of samples | recall: NLL of held-out teacher samples | '
+             'entropy of the sampler | sampling cost |', '|---|---|---|---|---|---|']
     for r in result['rows']:
         lines.append(f'| {r["model"]} | {r["cfg"]:g} | {r["precision"]["mean"]:.2f} +- {r["precision"]["se"]:.2f} | '
                      f'{r["recall"]["mean"]:.2f} +- {r["recall"]["se"]:.2f} | {r["entropy"]["mean"]:.2f} +- '
