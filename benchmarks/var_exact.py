@@ -44,8 +44,8 @@ SIZES = {
                  cfgs=[0, 0.5, 1, 1.5, 2], rounds=2,
                  ddo=dict(iterations=64, global_batch=512, lr=5e-4, alpha=3, beta=1, eval_every=8)),
     'quick': dict(world=dataclasses.replace(WORLD, num_classes=10, train_size=2000, heldout_size=1000), mle_steps=200, curve_every=100,
-                  batch=128, lr=3e-3, report=1000, select=300, cfgs=[0], rounds=1,
-                  ddo=dict(iterations=8, global_batch=128, lr=5e-4, alpha=3, beta=1, eval_every=4)),
+                  batch=128, lr=3e-3, report=2000, select=200, cfgs=[0], rounds=1,
+                  ddo=dict(iterations=16, global_batch=256, lr=5e-4, alpha=3, beta=1, eval_every=4)),
 }
 REPORT_SEEDS, NOISE_SEEDS = 10_000_000, 20_000_000   # the first of each model-sampling seed set (selection: 0..N-1)
 
