@@ -29,7 +29,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p, '--net', 'VAR state dict to score (e.g. var_d16.pth, or var-ddo-best.pth of a round)')
     g = p.add_argument_group('evaluation')
-    g.add_argument('--metric', metavar='MODULE:FN', required=True, help='FN(images uint8 NHWC, labels) -> float, lower is better')
+    g.add_argument('--metric', metavar='MODULE:FN', required=True, help='FN(images uint8 NHWC, labels) -> float, lower is better (token pyramids int64 [N, L] instead if FN.takes_tokens)')
     g.add_argument('--seeds', metavar='LIST', default='0-49999', help='sampling seeds, e.g. 0-49999 (default: %(default)s)')
     g.add_argument('--cfg', metavar='LIST', default='0', help='guidance scales, e.g. 0,1.5; 0 = guidance-free (default: %(default)s)')
     g.add_argument('--select-cfg', metavar='FLOAT', type=float, default=run_files.DEFAULT_SELECT_CFG,

@@ -67,7 +67,7 @@ def parse_args(argv=None):
     g.add_argument('--seed', metavar='INT', type=int, default=0, help='data order, reference samples and dropout masks (default: %(default)s)')
     g = p.add_argument_group('evaluation and output')
     g.add_argument('--outdir', metavar='DIR', required=True, help='run directory; an existing run there is resumed')
-    g.add_argument('--metric', metavar='MODULE:FN', help='FN(images uint8 NHWC, labels) -> float, lower is better; without it only the last checkpoint is kept')
+    g.add_argument('--metric', metavar='MODULE:FN', help='FN(images uint8 NHWC, labels) -> float, lower is better (token pyramids int64 [N, L] instead if FN.takes_tokens); without it only the last checkpoint is kept')
     g.add_argument('--eval-every', metavar='INT', type=int, default=4, help='evaluate every INT iterations, and at 0 and the end (default: %(default)s)')
     g.add_argument('--eval-samples', metavar='INT', type=int, default=50000, help='class-balanced images per evaluation (default: %(default)s)')
     g.add_argument('--eval-cfg', metavar='LIST', default=run_files.format_scales(run_files.DEFAULT_EVAL_CFG),
