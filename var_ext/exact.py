@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from ddo_patch import losses
 from ddo_patch.errors import DDOPatchError
 from var_ext import models, sampler
 from var_ext.datasets import split_scales
@@ -86,7 +87,7 @@ def guided_log_likelihood(var, labels: torch.Tensor, tokens: torch.Tensor, cfg: 
         ramp = torch.cat([torch.full((pn * pn,), sampler.guidance_weight(cfg, si, len(var.patch_nums)))
                           for si, pn in enumerate(var.patch_nums)]).to(logits.device)[None, :, None]
         logits = (1 + ramp) * logits - ramp * uncond
-    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(1)
+    return losses.sequence_log_likelihood(logits, tokens)
 
 
 @torch.no_grad()
