@@ -221,6 +221,16 @@ def rounds(out, size, pretrained, select, values=None, name='rounds'):
         return json.load(f)
 
 
+def chosen_models(out, manifest, pretrained, name='rounds'):
+    """[(round record, path, kept)]: each round's chosen snapshot in OUT/NAME, or the reference it kept."""
+    chain, previous = [], pretrained
+    for record in manifest['rounds']:
+        kept = record['chosen']['run'] == 'reference'
+        previous = previous if kept else os.path.join(out, name, record['chosen']['snapshot'])
+        chain.append((record, previous, kept))
+    return chain
+
+
 def seed_list(first, count):
     return list(range(first, first + count))
 
@@ -279,12 +289,8 @@ def main():
         best = min(sweep, key=sweep.get)
         log(f'    selection FID by weight: {sweep}; best {best}')
         models[f'autoguidance w={best:g} (2x NFE)'] = dict(path=pretrained, guide=guide, guidance=best)
-    previous = pretrained
-    for record in manifest['rounds']:
-        chosen = record['chosen']
-        kept = chosen['run'] == 'reference'
-        previous = previous if kept else os.path.join(out, 'rounds', chosen['snapshot'])
-        models[f'DDO round {record["round"]} ({chosen["run"]})'] = dict(path=previous, kept=kept)
+    for record, path, kept in chosen_models(out, manifest, pretrained):
+        models[f'DDO round {record["round"]} ({record["chosen"]["run"]})'] = dict(path=path, kept=kept)
 
     log(f'6/6 report on {len(report)} report seeds')
     rows = []

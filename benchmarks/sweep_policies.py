@@ -35,15 +35,6 @@ POLICIES = {'grid': GRID, 'halving': dict(GRID, **HALVING), 'halving+carry': dic
 REPORT_FIRST = (100_000, 200_000)   # two disjoint report-size seed sets, as digits.py's report and noise sets
 
 
-def final_path(out, name, manifest, pretrained):
-    """The model the policy ends with: the last round's chosen snapshot (or the reference it kept)."""
-    path = pretrained
-    for record in manifest['rounds']:
-        if record['chosen']['run'] != 'reference':
-            path = os.path.join(out, f'sweep-{name}', record['chosen']['snapshot'])
-    return path
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--outdir', required=True, help='The digits.py work directory (its stages 1-2 are reused); rerun to resume.')
@@ -75,7 +66,7 @@ def main():
 
     ev, cache = bench.Evaluator(out, size['steps']), bench.Cache(os.path.join(out, 'scores.json'))
     rows = []
-    models = {'MLE (round 0)': pretrained, **{name: final_path(out, name, manifests[name], pretrained) for name in names}}
+    models = {'MLE (round 0)': pretrained, **{name: bench.chosen_models(out, manifests[name], pretrained, f'sweep-{name}')[-1][1] for name in names}}
     for name, path in models.items():
         fids = [cache.get(f'{os.path.relpath(path, out)} 1 seeds {first} report {args.report_seeds}',
                           lambda p=path, f=first: ev.evaluate(p, bench.seed_list(f, args.report_seeds)))['fid'] for first in REPORT_FIRST]

@@ -42,10 +42,10 @@ WORLD = exact.World()
 SIZES = {
     'full': dict(world=WORLD, mle_steps=3000, curve_every=250, batch=256, lr=3e-3, report=2000, select=500,
                  cfgs=[0, 0.5, 1, 1.5, 2], rounds=2,
-                 ddo=dict(iterations=64, global_batch=512, lr=5e-4, alpha=3, beta=1, eval_every=8)),
+                 ddo=dict(iterations=64, global_batch=512, lr=5e-4, alpha=3, beta=1, label_drop=0.5, eval_every=8)),
     'quick': dict(world=dataclasses.replace(WORLD, num_classes=10, train_size=2000, heldout_size=1000), mle_steps=200, curve_every=100,
                   batch=128, lr=3e-3, report=2000, select=200, cfgs=[0], rounds=1,
-                  ddo=dict(iterations=16, global_batch=256, lr=5e-4, alpha=3, beta=1, eval_every=4)),
+                  ddo=dict(iterations=16, global_batch=256, lr=5e-4, alpha=3, beta=1, label_drop=0.5, eval_every=4)),
 }
 REPORT_SEEDS, NOISE_SEEDS = 10_000_000, 20_000_000   # the first of each model-sampling seed set (selection: 0..N-1)
 
@@ -111,7 +111,7 @@ def ddo_round(out, world_dir, world, size, ref, run_dir, seed):
             '--eval-cfg', '0', '--select-cfg', '0', '--eval-samples', str(size['select']), '--eval-batch', '500',
             '--eval-every', str(ddo['eval_every']), '--iterations', str(ddo['iterations']),
             '--global-batch', str(ddo['global_batch']), '--lr', str(ddo['lr']), '--ddo-alpha', str(ddo['alpha']),
-            '--ddo-beta', str(ddo['beta']), '--workers', '0', '--seed', str(seed), '--outdir', run_dir]
+            '--ddo-beta', str(ddo['beta']), '--label-drop', str(ddo['label_drop']), '--workers', '0', '--seed', str(seed), '--outdir', run_dir]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), **{exact.ENV: world_dir})
     with open(os.path.join(out, 'rounds.log'), 'a') as f:
         proc = subprocess.run([sys.executable] + argv, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
