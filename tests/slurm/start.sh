@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster for the `slurm` tests (and for trying the SLURM launcher by hand), everything under
 # STATE_DIR: munged, slurmctld and slurmd on free ports, proctrack/linuxproc, task/none, select/cons_tres, no
-# cgroups, no accounting; one node (this machine, all its CPUs) in one partition.
+# cgroups, no accounting; one node (this machine, all its CPUs) in one partition. Credentials live 10 s
+# (cred_expire; Slurm's default is 120): a requeued job waits that long before it starts again, and must, since
+# slurmd refuses to launch it while the revoked credential of its first attempt is alive.
 #
 #   tests/slurm/start.sh STATE_DIR              # start, print how to use it, run until Ctrl-C / SIGTERM
 #   tests/slurm/start.sh STATE_DIR CMD ARGS...  # start, run CMD with SLURM_CONF set, stop; exit with CMD's status
@@ -49,7 +51,7 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
