@@ -19,7 +19,7 @@ Stages, each cached in --outdir (a rerun skips what is done):
                 p_data, each a mean of per-sample values with its standard error; the metric's own noise (the MLE
                 student on a second report-size seed set); var_exact.md, var_exact.json, var_exact.png
 
-Hyperparameters were chosen on a third seed set (30,000,000 onwards), disjoint from selection and report seeds.
+Hyperparameters were chosen on a fourth seed set (30,000,000 onwards), disjoint from the selection, report and noise seeds.
 """
 
 from __future__ import annotations
