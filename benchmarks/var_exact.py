@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import multiprocessing
 import os
@@ -148,23 +147,23 @@ def evaluate(world_dir, var, cfg, seeds, heldout) -> dict:
                 kl_data_model=mean_se(teacher_on_heldout - model_on_heldout))
 
 
-@functools.lru_cache(maxsize=None)
 def heldout_set(world_dir):
-    """The held-out teacher pyramids: (labels, tokens, their teacher log-likelihoods)."""
+    """The held-out teacher pyramids: (labels, tokens, their teacher log-likelihoods), computed once and passed to
+    the workers."""
     _, _, teacher = exact.load_world(world_dir)
     labels, tokens = exact.load_set(world_dir, exact.HELDOUT)
     return labels, tokens, exact.log_likelihoods(teacher, labels, tokens)
 
 
-def report_row(world_dir, path, depth, cfg, seeds) -> dict:
+def report_row(world_dir, path, depth, cfg, seeds, heldout) -> dict:
     """`evaluate` of a checkpoint, in a worker process."""
-    return evaluate(world_dir, exact.load_model(world_dir, path, depth), cfg, seeds, heldout_set(world_dir))
+    return evaluate(world_dir, exact.load_model(world_dir, path, depth), cfg, seeds, heldout)
 
 
-def curve_point(world_dir, path, depth) -> dict:
+def curve_point(world_dir, path, depth, heldout) -> dict:
     """Held-out and training NLL of an MLE checkpoint (as many training pyramids as held-out ones)."""
     var = exact.load_model(world_dir, path, depth)
-    labels, tokens, _ = heldout_set(world_dir)
+    labels, tokens, _ = heldout
     train_labels, train_tokens = exact.load_set(world_dir, exact.TRAIN)
     return dict(heldout=mean_se(-exact.log_likelihoods(var, labels, tokens)),
                 train=mean_se(-exact.log_likelihoods(var, train_labels[:len(labels)], train_tokens[:len(labels)])))
@@ -216,7 +215,7 @@ def run(size_name, size, out, world, world_dir, cache, pool) -> dict:
     student = mle(world_dir, os.path.join(out, 'mle'), world, size, size['mle_steps'], size['curve_every'])
     steps = range(size['curve_every'], size['mle_steps'] + 1, size['curve_every'])
     points = cache.fill(pool, {f'mle curve {step}': (curve_point, world_dir, checkpoint(os.path.join(out, 'mle'), step),
-                                                     world.student_depth) for step in steps})
+                                                     world.student_depth, heldout) for step in steps})
     curve = [dict(step=step, **points[f'mle curve {step}']) for step in steps]
     for point in curve:
         log(f'    step {point["step"]}: held-out NLL {point["heldout"]["mean"]:.3f} +- {point["heldout"]["se"]:.3f}, '
@@ -249,9 +248,9 @@ def run(size_name, size, out, world, world_dir, cache, pool) -> dict:
     log(f'4/4 report: {len(report)} samples per model and scale, scales {size["cfgs"]}')
     key = lambda path, cfg: f'{os.path.relpath(path, out)} cfg {cfg:g} report {len(report)}'   # noqa: E731
     noise_seeds = list(range(NOISE_SEEDS, NOISE_SEEDS + len(report)))
-    jobs = {key(path, cfg): (report_row, world_dir, path, world.student_depth, cfg, report)
+    jobs = {key(path, cfg): (report_row, world_dir, path, world.student_depth, cfg, report, heldout)
             for path in dict.fromkeys(paths.values()) for cfg in size['cfgs']}
-    jobs[f'noise report {len(report)}'] = (report_row, world_dir, student, world.student_depth, 0, noise_seeds)
+    jobs[f'noise report {len(report)}'] = (report_row, world_dir, student, world.student_depth, 0, noise_seeds, heldout)
     scores = cache.fill(pool, jobs)
     rows = [dict(model=name, cfg=cfg, **scores[key(path, cfg)]) for name, path in paths.items() for cfg in size['cfgs']]
     rows.append(dict(model='teacher (p_data)', cfg=0, **teacher_row(heldout)))

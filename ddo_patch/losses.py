@@ -23,6 +23,11 @@ from ddo_patch.errors import DDOPatchError
 
 Alpha = Union[float, torch.Tensor]
 
+# What both training entry points (`--objective`) and the round manager's `[control]` can train: 'ddo' (Eq. 13),
+# or 'mle', the matched control: the same finetune (init, optimiser, schedule, EMA, batches, evaluation,
+# selection) with upstream's own maximum-likelihood loss, which tells DDO's gain from the finetune's.
+OBJECTIVES = ('ddo', 'mle')
+
 
 def check_hyperparameters(alpha: Alpha, beta: float) -> None:
     """Raise a one-line error for alpha < 0 or beta <= 0 (the loss is only a discriminator loss then).

@@ -80,9 +80,10 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def training_state(params: int, ddp: bool, **extra: int) -> dict:
-    """The fixed state of a DDO run in bytes (fp32): weights, reference, Adam, DDP buckets and `extra` ones."""
-    state = {'weights': 4 * params, 'reference': 4 * params, 'adam': 8 * params}
+def training_state(params: int, ddp: bool, reference: bool = True, **extra: int) -> dict:
+    """The fixed state of a run in bytes (fp32): weights, the reference (DDO; not the MLE control), Adam, DDP buckets
+    and `extra` ones."""
+    state = {'weights': 4 * params, **({'reference': 4 * params} if reference else {}), 'adam': 8 * params}
     if ddp:
         state['ddp_buckets'] = 4 * params
     state.update(extra)

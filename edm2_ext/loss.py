@@ -1,4 +1,5 @@
-"""The DDO loss as upstream's training loop calls a loss: `loss_fn(net=ddp, images=..., labels=...) -> [B]`.
+"""The DDO loss (and the matched control's MLE loss) as upstream's training loop calls a loss:
+`loss_fn(net=ddp, images=..., labels=...)`.
 
 Import after `ddo_patch.upstream.activate('edm2')`; named by `loss_kwargs.class_name`.
 """
@@ -18,7 +19,7 @@ from training.training_loop import EDM2Loss
 
 def _in_fp32(net):
     """EDM2's Precond called in fp32 whatever its `use_fp16` (DDO trains in fp32; the flag is kept for sampling)."""
-    return lambda x, sigma, labels: net(x, sigma, labels, force_fp32=True)
+    return lambda x, sigma, labels, **kwargs: net(x, sigma, labels, force_fp32=True, **kwargs)
 
 
 class _KeepLogvar:
@@ -119,3 +120,16 @@ class DDOLoss:
     def __reduce__(self):
         return EDM2Loss, (self.ddo.P_mean, self.ddo.P_std, self.ddo.sigma_data)
 
+
+class MLELoss(EDM2Loss):
+    """The matched control (`--objective mle`): upstream's `EDM2Loss` (denoising score matching with the
+    uncertainty weighting of EDM2 Eq. 21) with the round's P_mean/P_std, the network run in fp32 as DDO runs it.
+
+    Snapshot pickles carry a plain `EDM2Loss` in its place (`__reduce__`), as DDO's do.
+    """
+
+    def __call__(self, net, images, labels=None):
+        return super().__call__(_in_fp32(net), images, labels)
+
+    def __reduce__(self):
+        return EDM2Loss, (self.P_mean, self.P_std, self.sigma_data)

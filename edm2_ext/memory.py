@@ -37,13 +37,17 @@ def meta_copy(net):
 
 
 def ddo_step(net, ref_net, ema, optimizer, ddo: DiffusionDDOLoss, batch_gpu: int, ema_beta: float = 0.999):
-    """One step of upstream's training loop with `edm2_ext.loss.ddo_loss` (one accumulation round, random data)."""
-    from edm2_ext.loss import ddo_loss
+    """One step of upstream's training loop with `edm2_ext.loss.ddo_loss` (one accumulation round, random data);
+    without `ref_net`, the matched control's step (`edm2_ext.loss.MLELoss` on the real batch alone)."""
+    from edm2_ext.loss import MLELoss, ddo_loss
     device = next(net.parameters()).device
     shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
     labels = torch.zeros([batch_gpu, net.label_dim], device=device)
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = ddo_loss(ddo, net, ref_net, torch.randn(shape, device=device), labels, torch.randn(shape, device=device), labels)
+    if ref_net is None:
+        loss = MLELoss(P_mean=ddo.P_mean, P_std=ddo.P_std)(net, torch.randn(shape, device=device), labels)
+    else:
+        loss, _ = ddo_loss(ddo, net, ref_net, torch.randn(shape, device=device), labels, torch.randn(shape, device=device), labels)
     loss.sum().mul(1 / batch_gpu).backward()
     for param in net.parameters():
         if param.grad is not None:
@@ -54,16 +58,19 @@ def ddo_step(net, ref_net, ema, optimizer, ddo: DiffusionDDOLoss, batch_gpu: int
             p_ema.lerp_(p_net, 1 - ema_beta)
 
 
-def step_memory(net, batch_gpu: int, ddp: bool = True, P_mean: float = -0.8, P_std: float = 1.6) -> memory.MemoryEstimate:
-    """Expected per-GPU peak of DDO-training `net` (any EDM2 Precond, e.g. a snapshot's `ema`) at `batch_gpu`."""
+def step_memory(net, batch_gpu: int, ddp: bool = True, P_mean: float = -0.8, P_std: float = 1.6,
+                objective: str = 'ddo') -> memory.MemoryEstimate:
+    """Expected per-GPU peak of training `net` (any EDM2 Precond, e.g. a snapshot's `ema`) at `batch_gpu`, by DDO
+    or by the matched control's MLE loss (objective 'mle': no reference network)."""
     trained = meta_copy(net).train().requires_grad_(True)
-    ref, ema = meta_copy(net).eval().requires_grad_(False), meta_copy(net).requires_grad_(False)
+    ref = meta_copy(net).eval().requires_grad_(False) if objective == 'ddo' else None
+    ema = meta_copy(net).requires_grad_(False)
     optimizer = torch.optim.Adam(trained.parameters(), betas=(0.9, 0.99), foreach=True)
     ddo = DiffusionDDOLoss(P_mean=P_mean, P_std=P_std, single_forward=True)
     memory.create_optimizer_state(optimizer)
     params = memory.parameter_count(trained)
     peak = memory.step_peak(lambda: ddo_step(trained, ref, ema, optimizer, ddo, batch_gpu))
-    return memory.MemoryEstimate(batch_gpu, memory.training_state(params, ddp, ema=4 * params), peak)
+    return memory.MemoryEstimate(batch_gpu, memory.training_state(params, ddp, reference=ref is not None, ema=4 * params), peak)
 
 
 def preset_network(preset: str):

@@ -16,7 +16,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, option_args
-from ddo_patch.seeds import check_disjoint, parse_seeds, seed_range
+from ddo_patch.seeds import parse_seeds, seed_range
 from edm2_ext import run_files
 
 FLAGS_AS_NAMED = ('P_mean', 'P_std')   # EDM2's own spelling; every other option is --name-with-dashes
@@ -32,7 +32,7 @@ class RoundsBackend(Backend):
     required = ('data',)
     train_options = ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu',
                      'workers', 'status', 'checkpoint', 'seed')
-    evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'report_seeds', 'batch', 'steps')
+    evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'report_seeds', 'noise_seeds', 'batch', 'steps')
     reference_sample_options = ('count', 'first_seed', 'batch', 'steps')
     evaluate_file_options = ('reference',)
 
@@ -54,11 +54,9 @@ class RoundsBackend(Backend):
         try:
             roles = {'evaluate.seeds': parse_seeds(self.evaluation_seeds('select')),
                      f'the reference samples of rounds 1-{cfg.rounds}': range(first, first + cfg.rounds * count)}
-            if self.reports():
-                roles['evaluate.report_seeds'] = parse_seeds(self.evaluation_seeds('report'))
-            check_disjoint(roles)
         except DDOPatchError as err:
             raise cfg.error(str(err)) from None
+        self.check_report_seeds(roles)
 
     def _reference_seed_plan(self) -> tuple:
         """(samples per round, the first seed of round 1): round r samples seeds first + (r - 1) * count onwards."""
@@ -75,7 +73,9 @@ class RoundsBackend(Backend):
         return ReferenceSamples(fake, seeds, Command('edm2_ext.generate', ['--net', reference, '--outdir', fake] + _args(options) + self._root()))
 
     def evaluation_seeds(self, purpose) -> str:
-        return str(self.cfg.evaluate['report_seeds'] if purpose == 'report' else self.cfg.evaluate.get('seeds', '0-49999'))
+        if purpose in ('report', 'noise'):
+            return str(self.cfg.evaluate[f'{purpose}_seeds'])
+        return str(self.cfg.evaluate.get('seeds', '0-49999'))
 
     def _evaluate_args(self, net, dest, seeds) -> list:
         evaluate = self.cfg.evaluate
@@ -92,13 +92,15 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return json.load(f)['results'][0][self.cfg.evaluate['metric']]
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo') -> list:
         """A rung trains with --duration = the rung: EDM2's learning rate and EMA do not depend on the total, so
         the next stage, with a larger --duration, resumes from the rung's checkpoint as if never stopped."""
         cfg = self.cfg
         duration = stop_at or cfg.duration
-        train = ['--outdir', run_dir, '--data', cfg.data, '--ref', reference, '--fake', fake, '--ddo-alpha', str(alpha),
-                 '--ddo-beta', str(beta), '--round', str(round_idx), '--duration', str(duration), '--snapshot', str(cfg.eval_every)]
+        loss = ['--objective', objective] if objective != 'ddo' else \
+            ['--fake', fake, '--ddo-alpha', str(alpha), '--ddo-beta', str(beta)]
+        train = ['--outdir', run_dir, '--data', cfg.data, '--ref', reference, *loss, '--round', str(round_idx),
+                 '--duration', str(duration), '--snapshot', str(cfg.eval_every)]
         evaluate = self._evaluate_args(run_dir, f'{run_dir}/{run_files.EVALUATION}', self.evaluation_seeds('select'))
         # Upstream refuses to resume a finished run, so a rerun skips training once its last state exists.
         final_state = f'{run_dir}/{run_files.training_state(duration // 1000)}'

@@ -10,6 +10,11 @@ dropout off) and `loss_kwargs` names `edm2_ext.loss.DDOLoss` (reference net, fak
 Upstream's Adam, learning-rate schedule, power-function EMA, snapshots, and checkpoint/resume are kept:
 rerun the same command to resume from the latest training-state-*.pt. Every input is checked before
 anything is written to --outdir.
+
+`--objective mle` is the matched control: the same run (init from --ref, Adam, schedule, EMA, data order,
+snapshots, checkpoints) with upstream's own `EDM2Loss` at the same P_mean/P_std, in fp32 as DDO trains, and no
+reference network or samples (--fake is not needed). A low learning rate and best-of-N selection improve a
+model by themselves; what DDO gains beyond this control is the objective's.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import click
 from ddo_patch import upstream
 from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
-from ddo_patch.losses import check_hyperparameters
+from ddo_patch.losses import OBJECTIVES, check_hyperparameters
 from edm2_ext import options, presets, run_files
 
 
@@ -45,12 +50,16 @@ def loader_kwargs(device, workers) -> dict:
     return dict(pin_memory=device.type == 'cuda', num_workers=workers, prefetch_factor=2 if workers > 0 else None)
 
 
-def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device):
-    """Check every input and return upstream `training_loop` keyword arguments (without `device`)."""
+def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device,
+                          objective='ddo'):
+    """Check every input and return upstream `training_loop` keyword arguments (without `device`). With objective
+    'mle' (the matched control) the loss is upstream's `EDM2Loss` and `fake` is neither needed nor read."""
     import dnnlib
     from edm2_ext.datasets import ENCODERS, check_fake_set, data_interface, open_dataset
     from edm2_ext.network import interface, load_snapshot
 
+    if objective == 'ddo' and not fake:
+        raise DDOPatchError('--fake is required for --objective ddo: the reference samples of --ref (python -m edm2_ext.generate)')
     net_interface = interface(load_snapshot(ref)['ema'])
     real = open_dataset(data, '--data', use_labels=cond)
     if cond and net_interface[2] > 0 and not real.has_labels:
@@ -58,8 +67,9 @@ def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, 
     if data_interface(real) != net_interface:
         raise DDOPatchError(f'--data gives (resolution, channels, label_dim) = {data_interface(real)} but the --ref network '
                             f'expects {net_interface}; use the data the network was trained on (or --cond=False for an unconditional net)')
-    fake_set = open_dataset(fake, '--fake', use_labels=net_interface[2] > 0)
-    check_fake_set(fake_set, net_interface, latent=real.num_channels == 8)
+    if objective == 'ddo':
+        fake_set = open_dataset(fake, '--fake', use_labels=net_interface[2] > 0)
+        check_fake_set(fake_set, net_interface, latent=real.num_channels == 8)
 
     loader = loader_kwargs(device, workers)
     c = dnnlib.EasyDict()
@@ -67,9 +77,12 @@ def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, 
     c.encoder_kwargs = dnnlib.EasyDict(class_name=ENCODERS[real.num_channels])
     c.data_loader_kwargs = dnnlib.EasyDict(class_name='torch.utils.data.DataLoader', **loader)
     c.network_kwargs = dnnlib.EasyDict(class_name='edm2_ext.network.ddo_network', ref=ref)
-    c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.DDOLoss', ref=ref, fake=fake, P_mean=hp['P_mean'],
-                                    P_std=hp['P_std'], alpha=alpha, beta=beta, use_labels=net_interface[2] > 0,
-                                    seed=seed, loader_kwargs=loader)
+    if objective == 'ddo':
+        c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.DDOLoss', ref=ref, fake=fake, P_mean=hp['P_mean'],
+                                        P_std=hp['P_std'], alpha=alpha, beta=beta, use_labels=net_interface[2] > 0,
+                                        seed=seed, loader_kwargs=loader)
+    else:
+        c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.MLELoss', P_mean=hp['P_mean'], P_std=hp['P_std'])
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=hp['lr'],
                                   ref_batches=hp['decay'], rampup_Mimg=hp['rampup'])
     c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=[hp['ema_std']])
@@ -98,7 +111,10 @@ def launch_training(run_dir, c, device):
 @click.option('--outdir', metavar='DIR', required=True, help='Run directory; rerun the same command to resume it.')
 @click.option('--data', metavar='ZIP|DIR', required=True, help='Real training data in EDM2 format.')
 @click.option('--ref', metavar='PKL|URL', required=True, help='Pretrained EDM2 snapshot: initialises the trained and the frozen reference net.')
-@click.option('--fake', metavar='ZIP|DIR', required=True, help='Reference samples of --ref (python -m edm2_ext.generate).')
+@click.option('--fake', metavar='ZIP|DIR', default=None,
+              help='Reference samples of --ref (python -m edm2_ext.generate); not read by --objective mle.')
+@click.option('--objective', type=click.Choice(OBJECTIVES), default='ddo', show_default=True,
+              help='ddo, or mle: the matched control, this run with upstream\'s EDM2Loss instead of DDO\'s.')
 @click.option('--cond', metavar='BOOL', type=bool, default=True, show_default=True, help='Use the class labels of --data.')
 @click.option('--preset', type=click.Choice(sorted(presets.PRESETS)), default='ddo-img64-s', show_default=True, help='Appendix C hyperparameters.')
 @click.option('--round', 'round_idx', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True, help='DDO round (1-based): picks the preset\'s P_std and lr for it.')
@@ -121,8 +137,8 @@ def launch_training(run_dir, c, device):
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
 @click.option('-n', '--dry-run', is_flag=True, help='Check the inputs, print the training options and the expected per-GPU peak memory, and exit.')
 @options.edm2_root
-def cmdline(outdir, data, ref, fake, cond, preset, round_idx, alpha, beta, batch_gpu, workers, slice_nimg, seed, dry_run,
-            edm2_root, **hyperparameters):
+def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, beta, batch_gpu, workers, slice_nimg, seed,
+            dry_run, edm2_root, **hyperparameters):
     """DDO-finetune an EDM2 snapshot with the official EDM2 training loop (on GPUs, or on the CPU).
 
     \b
@@ -132,17 +148,19 @@ def cmdline(outdir, data, ref, fake, cond, preset, round_idx, alpha, beta, batch
     """
     hp = presets.resolve(preset, round_idx, **hyperparameters)
     train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=batch_gpu, workers=workers, slice_nimg=slice_nimg,
-          seed=seed, dry_run=dry_run, edm2_root=edm2_root)
+          seed=seed, dry_run=dry_run, edm2_root=edm2_root, objective=objective)
 
 
 def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2, slice_nimg=0, seed=0, dry_run=False,
-          edm2_root=None):
-    """Check every input, then run one DDO run (the body of this entry and of the patched train_edm2.py)."""
-    check_hyperparameters(alpha, beta)
+          edm2_root=None, objective='ddo'):
+    """Check every input, then run one DDO run, or its matched MLE control (the body of this entry and of the
+    patched train_edm2.py)."""
+    if objective == 'ddo':
+        check_hyperparameters(alpha, beta)
     run_training(outdir, lambda device: setup_training_config(
         data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
-        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device), dry_run=dry_run, edm2_root=edm2_root,
-        estimate=expected_memory)
+        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device, objective=objective), dry_run=dry_run,
+        edm2_root=edm2_root, estimate=expected_memory)
 
 
 def expected_memory(c, world_size):
@@ -151,8 +169,9 @@ def expected_memory(c, world_size):
     from edm2_ext.memory import step_memory
     from edm2_ext.network import load_snapshot
     per_gpu = c.batch_size // world_size
+    objective = 'mle' if c.loss_kwargs.class_name.endswith('MLELoss') else 'ddo'
     return step_memory(load_snapshot(c.network_kwargs.ref)['ema'], min(c.batch_gpu or per_gpu, per_gpu), ddp=world_size > 1,
-                       P_mean=c.loss_kwargs.P_mean, P_std=c.loss_kwargs.P_std)
+                       P_mean=c.loss_kwargs.P_mean, P_std=c.loss_kwargs.P_std, objective=objective)
 
 
 def run_training(outdir, configure, dry_run=False, edm2_root=None, estimate=None):

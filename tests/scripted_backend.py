@@ -24,14 +24,17 @@ LAWS = {
     'alpha_helps': lambda reference, alpha, beta, step: reference - 0.1 * alpha * step,
     'alpha_3_crashes': _alpha_3_crashes,   # alpha_helps, but the job of a point with alpha 3 fails
 }
+MLE_LAW = lambda reference, step: reference - 0.05 * step   # noqa: E731 (the control: better than its start, by little)
+NOISE = 0.01   # what an evaluation on the noise seeds adds to a snapshot's score
 
 
 class ScriptedBackend(Backend):
     name = 'scripted'
     train_options = ('law', 'seconds')   # the scoring law, and seconds per step (to have a job to interrupt)
+    evaluate_options = ('metric', 'report_seeds', 'noise_seeds')   # seeds are names here: evaluation_seeds returns them
 
     def evaluation(self, snapshot, dest, purpose, options):
-        return Command('scripted_backend', ['evaluate', snapshot, dest])
+        return Command('scripted_backend', ['evaluate', snapshot, dest, purpose])
 
     def evaluation_seeds(self, purpose):
         return purpose
@@ -40,10 +43,11 @@ class ScriptedBackend(Backend):
         with open(path) as f:
             return json.load(f)['score']
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None):
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo'):
         cfg = self.cfg
+        law = options.get('law', 'never') if objective == 'ddo' else objective
         return [Command('scripted_backend', ['train', run_dir, reference, alpha, beta, stop_at or cfg.duration, cfg.eval_every,
-                                             options.get('law', 'never'), options.get('seconds', 0)])]
+                                             law, options.get('seconds', 0)])]
 
     def train_images(self, options, steps):
         return steps
@@ -73,7 +77,7 @@ def _write(path, obj):
 
 def main(argv):
     if argv[0] == 'evaluate':
-        _write(argv[2], {'score': _score(argv[1])})
+        _write(argv[2], {'score': _score(argv[1]) + (NOISE if argv[3] == 'noise' else 0)})
         return
     run_dir, reference, alpha, beta, stop_at, eval_every, law, seconds = argv[1:]   # a larger stop_at continues the run
     os.makedirs(run_dir, exist_ok=True)
@@ -81,7 +85,7 @@ def main(argv):
     for step in range(int(eval_every), int(stop_at) + 1, int(eval_every)):
         time.sleep(float(seconds))
         snapshot = os.path.join(run_dir, f'snapshot-{step}.json')
-        _write(snapshot, {'score': LAWS[law](start, float(alpha), float(beta), step)})
+        _write(snapshot, {'score': MLE_LAW(start, step) if law == 'mle' else LAWS[law](start, float(alpha), float(beta), step)})
         evaluations.append(dict(step=step, snapshot=snapshot, score=_score(snapshot)))
     _write(os.path.join(run_dir, 'evaluations.json'), evaluations)
 

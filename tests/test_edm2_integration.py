@@ -177,6 +177,43 @@ def test_a_run_stopped_at_a_rung_continues_as_if_never_stopped(pipeline, edm2_ro
     assert_same_final_weights(out, pipeline['ddo'])
 
 
+def test_mle_objective_is_the_same_run_with_upstreams_loss(pipeline, edm2_root, tmp_path):
+    """`--objective mle`, the matched control, needs no --fake: its first step's loss is upstream's EDM2Loss (round 1's
+    P_mean/P_std) of the --ref network in fp32 on the run's first batch and noise, recomputed here; it logs no DDO
+    term, its snapshots pickle a plain EDM2Loss, and its dry run counts no reference network."""
+    from edm2_ext import presets
+    from edm2_ext.loss import MLELoss
+    from edm2_ext.network import ddo_network
+    from edm2_ext.platform import upstream_compatible
+    from torch_utils import misc
+    from training.dataset import ImageFolderDataset
+    from training.training_loop import EDM2Loss
+    args = list(pipeline['train_args'])
+    at = args.index('--fake')
+    args[at:at + 2] = ['--objective', 'mle']
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'mle')
+    args[args.index('--duration') + 1] = args[args.index('--slice') + 1] = '1Ki'
+    dry = run(args + ['--dry-run'], edm2_root, tmp_path).stdout
+    assert 'MLELoss' in dry and 'adam' in dry and 'reference' not in dry.split('Dry run')[0].splitlines()[-2]
+    run(args, edm2_root, tmp_path)
+    trained = [row for row in read_stats(out) if 'Loss/loss' in row]
+    assert len(trained) == 1024 // BATCH and not any(key.startswith('DDO/') for row in trained for key in row)
+
+    hp = presets.resolve('ddo-img64-s')
+    dataset = ImageFolderDataset(path=pipeline['data'], use_labels=True)
+    with upstream_compatible(torch.device('cpu')):
+        sampler = misc.InfiniteSampler(dataset=dataset, rank=0, num_replicas=1, seed=0)
+    images, labels = next(iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=BATCH)))
+    net = ddo_network(pipeline['ref'], RES, 3, CLASSES).train()
+    misc.set_random_seed(0, 0, 0)   # as upstream's loop seeds the step at cur_nimg 0
+    with torch.no_grad():
+        loss = MLELoss(P_mean=hp['P_mean'], P_std=hp['P_std'])(net, images.float() / 127.5 - 1, labels)
+    assert trained[0]['Loss/loss'] == pytest.approx(float(loss.mean()), rel=1e-5)
+    assert trained[-1]['Loss/loss'] != trained[0]['Loss/loss']
+    with open(os.path.join(out, 'network-snapshot-0000001-0.050.pkl'), 'rb') as f:
+        assert type(pickle.load(f)['loss_fn']) is EDM2Loss
+
+
 def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path):
     script = textwrap.dedent('''
         import os, pickle, sys, torch

@@ -61,6 +61,14 @@ def edm2_config(files, **changes):
     (dict(reference_samples__first_seed=49000), 'evaluate.seeds and the reference samples of rounds 1-2 share seed 49000'),
     (dict(evaluate__report_seeds='49990-50009'), 'evaluate.seeds and evaluate.report_seeds share seed 49990 (10 in all)'),
     (dict(reference_samples__seeds='0-63'), 'unknown reference_samples option seeds; known: count, first_seed, batch, steps'),
+    (dict(control__objective='ddo'), 'control.objective must be "mle"'),
+    (dict(control__objective='mle', control__start='pretrained'), 'control.start must be "reference"'),
+    (dict(control__objective='mle', control__label_drop=0.1), 'unknown edm2 control option label_drop'),
+    (dict(evaluate__noise_seeds='200000-200099'), 'evaluate.noise_seeds measures the noise of the report seeds'),
+    (dict(evaluate__report_seeds='100000-100099', evaluate__noise_seeds='200000-200049'),
+     'evaluate.noise_seeds must be as many seeds as evaluate.report_seeds'),
+    (dict(evaluate__report_seeds='100000-100099', evaluate__noise_seeds='100050-100149'),
+     'evaluate.report_seeds and evaluate.noise_seeds share seed 100050'),
 ])
 def test_invalid_config_is_one_line_and_runs_nothing(files, changes, message):
     config = edm2_config(files, **changes)
@@ -302,6 +310,59 @@ def test_the_best_sweep_point_is_promoted_when_it_beats_the_reference(tmp_path):
     assert second['reference']['path'] == first['chosen']['snapshot'] and second['reference']['promoted_from'] == 'a2_b0.1'
     assert second['reference_score'] == first['chosen']['score'] and second['chosen']['score'] == pytest.approx(8.4)
     assert first['improvement'] == pytest.approx(0.8) and not first['stalled']
+
+
+def control_config(tmp_path, start):
+    """`scripted_config` with the matched control and report and noise seeds (the scripted evaluation adds NOISE on
+    the noise seeds)."""
+    config = scripted_config(tmp_path, 'alpha_helps', rounds=2)
+    with open(config, 'a') as f:
+        f.write(f'[control]\nobjective = "mle"\nstart = "{start}"\n')
+    text = open(config).read().replace('[evaluate]\n', '[evaluate]\nreport_seeds = "report"\nnoise_seeds = "noise"\n')
+    open(config, 'w').write(text)
+    return config
+
+
+def test_the_matched_control_runs_every_round_from_the_reference_and_is_never_promoted(tmp_path):
+    """[control]: one more run per round, the backend's job with objective 'mle' from the round's reference, the same
+    duration and evaluations; its choice is scored on the report seeds beside DDO's, the pretrained model once more on
+    the noise seeds (round 1 only); DDO's choice, not the control's, is promoted; its images count at MLE cost."""
+    from scripted_backend import NOISE
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', control_config(tmp_path, 'reference'), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    first, second = read_manifest(workdir)['rounds']
+    for r, start in ((first, 10.0), (second, 9.2)):
+        control = r['control']
+        assert control['objective'] == 'mle' and control['status'] == 'done' and control['alpha'] is None
+        assert control['start'] == dict(path=r['reference']['path'], score=pytest.approx(start), source=f'round {r["round"]} reference')
+        assert [e['step'] for e in control['evaluations']] == [2, 4]
+        assert control['chosen']['run'] == 'control' and control['chosen']['score'] == pytest.approx(start - 0.2)
+        assert r['report']['control']['score'] == pytest.approx(start - 0.2)
+        assert r['cost']['train_images'] == 3 * 4 and r['cost']['mle_equivalents'] == pytest.approx(2 * 4 * 2.5 + 4 + 10 * 6 + 10 * len(
+            [e for e in [r['reference_evaluation'], *r['report'].values()] if e.get('source') == 'evaluated']))
+    assert second['reference']['path'] == first['chosen']['snapshot'] != first['control']['chosen']['snapshot']
+    assert first['report']['reference_noise']['score'] == pytest.approx(10.0 + NOISE) and 'reference_noise' not in second['report']
+    assert 'round 1 control (mle, from round 1 reference): done, chose control step 4' in result.output
+    report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
+    assert '| 1 | 9.2 (a2_b0.1) | 9.8 (control) | -0.6 | 9.2 | 9.8 | -0.6 |' in report
+    assert '| 2 | 8.4 (a2_b0.1) | 9 (control) | -0.6 | 8.4 | 9 | -0.6 |' in report
+    assert 'scores 10 on the report seeds and 10.01 on as many other seeds' in report
+    status = cli_runner().invoke(main, ['rounds', 'status', str(workdir)]).output
+    assert 'control (mle, from round 2 reference): chose control step 4: 9; report seeds 9' in status
+
+
+def test_a_control_chain_starts_each_round_from_the_previous_controls_choice(tmp_path):
+    """start = "control": round 2's control trains from round 1's control choice (the chain of MLE finetunes matched
+    to the chain of DDO rounds), whose report score is not computed again."""
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', control_config(tmp_path, 'control'), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    first, second = read_manifest(workdir)['rounds']
+    assert second['control']['start'] == dict(path=first['control']['chosen']['snapshot'], score=pytest.approx(9.8),
+                                              source='round 1 control')
+    assert second['control']['chosen']['score'] == pytest.approx(9.6) and second['report']['control']['score'] == pytest.approx(9.6)
+    assert not (workdir / 'round02' / 'report-reference.json').exists()   # round 1 scored round 2's reference
 
 
 def test_halving_stops_exactly_the_worse_points_at_each_rung(tmp_path):

@@ -52,7 +52,16 @@ def test_two_rounds_two_points_promote_the_best_snapshot(uninterrupted):
     # Each round's reference samples have their own seeds, none of them an evaluation seed (0-63).
     assert [r['reference_samples']['seeds'] for r in m['rounds']] == ['1000000-1000063', '1000064-1000127']
     assert first['report']['reference']['seeds'] == '32-63' and second['report']['reference'] == dict(
-        score=first['report']['chosen']['score'], snapshot=first['chosen']['snapshot'], source='round 1')
+        score=first['report']['chosen']['score'], snapshot=first['chosen']['snapshot'], purpose='report', source='round 1')
+    assert first['report']['reference_noise']['seeds'] == '64-95' and 'reference_noise' not in second['report']
+    # The matched control: each round once more from its reference, the same options with --objective mle (no
+    # reference samples), evaluated like a sweep point, scored on the report seeds, never promoted.
+    for r in m['rounds']:
+        control = r['control']
+        assert control['status'] == 'done' and control['images'] == 1024 and [e['step'] for e in control['evaluations']] == [1]
+        assert '--objective mle' in control['commands'][0] and '--fake' not in control['commands'][0]
+        assert f'--ref {r["reference"]["path"]} ' in control['commands'][0] and control['start']['path'] == r['reference']['path']
+        assert r['report']['control']['score'] > 0 and r['chosen']['snapshot'] != control['chosen']['snapshot']
     assert f'--net {first["chosen"]["snapshot"]} ' in second['reference_samples']['command']
     assert all(f'--ref {first["chosen"]["snapshot"]} ' in run['commands'][0] for run in second['runs'])
     # In both rounds a sweep point beats its reference on the selection seeds and is promoted (what a 32-sample
@@ -71,18 +80,29 @@ def test_status_and_report(world, uninterrupted):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10000
     rows = [line for line in (workdir / 'report.md').read_text().splitlines() if line.startswith('| 1 |') or line.startswith('| 2 |')]
     chosen = uninterrupted['manifest']['rounds'][0]['chosen']
-    # 2 runs x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 200% then 400% in all
+    # 2 runs and the control x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 300% then
+    # 600% in all
     report = uninterrupted['manifest']['rounds'][0]['report']
     assert (f'| {chosen["run"]} | {chosen["score"]:.4g} | no | {report["reference"]["score"]:.4g} | '
-            f'{report["chosen"]["score"]:.4g} | 2048 | 100% | 200% |') in rows[0]
-    # Cost in MLE-image equivalents: 2048 DDO images at 2.5, and every generated sample at 31/3 (16 Heun steps: 31
-    # network evaluations, a third of a training image each): 64 reference samples, 32 per evaluation of each run,
-    # of the reference, and of the reference and the chosen snapshot on the report seeds.
+            f'{report["chosen"]["score"]:.4g} | 3072 | 100% | 300% |') in rows[0]
+    # Cost in MLE-image equivalents: 2048 DDO images at 2.5, the control's 1024 at 1, and every generated sample at
+    # 31/3 (16 Heun steps: 31 network evaluations, a third of a training image each): 64 reference samples, 32 per
+    # evaluation of each run and of the control, of the reference, of the reference, the chosen snapshot and the
+    # control's on the report seeds, and of the reference on the noise seeds.
     first = uninterrupted['manifest']['rounds'][0]['cost']
-    assert (first['train_images'], first['reference_samples'], first['evaluation_samples']) == (2048, 64, 5 * 32)
-    assert first['mle_equivalents'] == pytest.approx(2048 * 2.5 + (64 + 5 * 32) * 31 / 3)
+    assert (first['train_images'], first['reference_samples'], first['evaluation_samples']) == (3072, 64, 8 * 32)
+    assert first['mle_equivalents'] == pytest.approx(2048 * 2.5 + 1024 + (64 + 8 * 32) * 31 / 3)
     assert rows[0].endswith(f'| {first["mle_equivalents"]:.4g} |')
-    assert '| 2048 | 100% | 400% |' in rows[1]   # round 2's reference and its report score are shared: cheaper
+    assert '| 3072 | 100% | 600% |' in rows[1]   # round 2's reference and its report score are shared: cheaper
+    control = uninterrupted['manifest']['rounds'][0]['control']['chosen']
+    assert (f'| 1 | {chosen["score"]:.4g} ({chosen["run"]}) | {control["score"]:.4g} ({control["run"]}) | '
+            f'{chosen["score"] - control["score"]:+.4g} | {report["chosen"]["score"]:.4g} | {report["control"]["score"]:.4g} |') \
+        in report_text(workdir)
+    assert f'the pretrained model scores {report["reference"]["score"]:.4g} on the report seeds' in report_text(workdir)
+
+
+def report_text(workdir):
+    return (workdir / 'report.md').read_text()
 
 
 def _kill_when(args, env, ready, log, timeout=180):

@@ -27,6 +27,7 @@ def var_run(var_root, tmp_path_factory):
         run=dict(duration=ITERATIONS, eval_every=EVAL_EVERY), sweep=dict(alpha=[10, 50], beta=[0.02]),
         train=dict(depth=2, vae=vae, patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,
                    dataset='var_tiny:token_dataset', workers=0, global_batch=BATCH, lr=1e-3),
+        control=dict(objective='mle', label_drop=0.1),
         evaluate=dict(metric='var_tiny:brightness', samples=10, cfg=[0, 1.5], select_cfg=1.5),
         launcher=dict(kind='local', nproc_per_node=1, env={'OMP_NUM_THREADS': '1'})))
     env = dict(os.environ, VAR_ROOT=str(var_root), PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')])))
@@ -54,6 +55,14 @@ def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkp
     assert second['reference_evaluation'] == dict(score=first['chosen']['score'], source='round 1')
     for r in m['rounds']:
         _check_round(workdir, r)
+        # The matched control: var_ext.train --objective mle from the round's reference, [control]'s label dropout on
+        # top of [train]'s options, evaluated at every scale like the sweep points, never promoted.
+        control = r['control']
+        assert control['status'] == 'done' and [e['step'] for e in control['evaluations']] == [2, 4]
+        assert '--objective mle' in control['commands'][0] and '--label-drop 0.1' in control['commands'][0]
+        assert '--ddo-alpha' not in control['commands'][0] and sorted(control['evaluations'][0]['scores']) == ['cfg=0', 'cfg=1.5']
+        assert control['chosen']['run'] == 'start' or control['chosen']['snapshot'].startswith(f'{r["dir"]}/control/')
+    assert not second['reference']['path'].startswith('round01/control/')
 
 
 def test_var_evaluate_scores_a_checkpoint_as_the_trainer_does(var_run, tmp_path):

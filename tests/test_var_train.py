@@ -83,11 +83,46 @@ def test_gradient_accumulation_runs_micro_batches(files, tmp_path):
     assert all(math.isfinite(r['Loss/grad_norm']) for r in log)
 
 
-@pytest.mark.parametrize('stop', [('--slice', '3'), ('--stop-at', '3')], ids=['slice', 'stop-at'])
-def test_resume_continues_from_the_saved_iteration(files, tmp_path, stop):
+def test_mle_objective_is_the_same_run_with_upstreams_cross_entropy(files, tmp_path, var_root, capsys):
+    """`--objective mle`, the matched control: its first loss is upstream's token cross-entropy of the starting model on
+    the run's first batch (the same batch a DDO run draws first), it logs no DDO term, builds no reference, and its
+    checkpoints and evaluations are the DDO run's files."""
+    from ddo_patch.losses import sequence_log_likelihood
+    from var_ext import datasets
+    assert train.main(argv(files, tmp_path / 'mle', '--objective', 'mle', '--label-drop', '0', '--iterations', '3',
+                           '--eval-every', '3', '--eval-samples', '6', '--eval-cfg', '0', '--metric', 'var_tiny:brightness',
+                           '--seed', '4')) == 3
+    run = tmp_path / 'mle'
+    log = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
+    assert not any(key.startswith('DDO/') for r in log for key in r) and all(math.isfinite(r['Loss/loss']) for r in log)
+    assert '(mle) lr' in capsys.readouterr().out
+    tokens, labels = token_dataset_first_batch(datasets, seed=4)
+    vae, var = models.build(TINY, 'cpu', var_root=str(var_root))
+    vae.load_state_dict(torch.load(files[0]))
+    var.load_state_dict(torch.load(files[1]))
+    with torch.no_grad():
+        logits = var(labels, var.vae_quant_proxy[0].idxBl_to_var_input(datasets.split_scales(tokens, TINY.patch_nums)))
+    expected = -sequence_log_likelihood(logits, tokens).mean() / tokens.shape[1]   # mean token cross-entropy
+    assert log[0]['Loss/loss'] == pytest.approx(float(expected), rel=1e-5)
+    assert log[-1]['Loss/loss'] < log[0]['Loss/loss']
+    assert [json.loads(line)['iteration'] for line in (run / 'metrics.jsonl').read_text().splitlines()] == [0, 3]
+    assert json.loads((run / 'training_options.json').read_text())['objective'] == 'mle'
+    assert {'var-ddo-last.pth', 'var-ddo-best.pth', 'training-state.pth'} <= {p.name for p in run.iterdir()}
+
+
+def token_dataset_first_batch(datasets, seed):
+    from var_tiny import token_dataset
+    tokens, labels = token_dataset(None).tensors
+    index = next(iter(datasets.ResumableBatchSampler(len(labels), 8, 0, 1, seed, 0)))
+    return tokens[index], labels[index]
+
+
+@pytest.mark.parametrize('stop, objective', [(('--slice', '3'), 'ddo'), (('--stop-at', '3'), 'ddo'), (('--slice', '3'), 'mle')],
+                         ids=['slice', 'stop-at', 'slice-mle'])
+def test_resume_continues_from_the_saved_iteration(files, tmp_path, stop, objective):
     """A run left after iteration 3 (--slice: 3 iterations of this invocation; --stop-at: at iteration 3, as a rung
-    of a halving sweep) and continued ends with the weights of an uninterrupted run."""
-    common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3')
+    of a halving sweep) and continued ends with the weights of an uninterrupted run, under either objective."""
+    common = ('--iterations', '4', '--eval-every', '2', '--lr', '1e-3', '--objective', objective)
     assert train.main(argv(files, tmp_path / 'split', *common, *stop)) == 3
     assert torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration'] == 3
     assert train.main(argv(files, tmp_path / 'split', *common)) == 4

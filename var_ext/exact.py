@@ -59,6 +59,15 @@ class World:
                                 vae_vocab=self.vocab, vae_z_channels=8, vae_ch=32)
 
 
+@torch.no_grad()
+def switch_on_blocks(var) -> None:
+    """Open the residual gates of every block: upstream initialises the adaLN gains gamma1, gamma2 at ~1e-5, so a
+    freshly built VAR's attention and MLP contribute almost nothing until training has grown them."""
+    for block in var.blocks:   # adaLN output [gamma1, gamma2, scale1, scale2, shift1, shift2]
+        block.ada_lin[-1].bias[:2 * var.C] = 1.0
+        block.ada_lin[-1].weight[:2 * var.C].normal_(0, var.C ** -0.5)
+
+
 def build_teacher(world: World, var_root=None):
     """(vqvae, teacher): upstream's VAR with its blocks switched on, a strong class embedding, a sharpened head."""
     torch.manual_seed(world.seed)
@@ -66,10 +75,8 @@ def build_teacher(world: World, var_root=None):
     for module in vae.modules():   # upstream leaves the VQVAE uninitialised; its codebook embeds the tokens
         if module is not vae and hasattr(module, 'reset_parameters'):
             module.reset_parameters()
+    switch_on_blocks(teacher)
     with torch.no_grad():
-        for block in teacher.blocks:   # adaLN output [gamma1, gamma2, scale1, scale2, shift1, shift2]
-            block.ada_lin[-1].bias[:2 * teacher.C] = 1.0
-            block.ada_lin[-1].weight[:2 * teacher.C].normal_(0, teacher.C ** -0.5)
         teacher.class_emb.weight.normal_(0, world.class_strength)
         teacher.head.weight.normal_(0, world.sharpness / teacher.C ** 0.5)   # logits of std ~ sharpness
         teacher.head.bias.zero_()
@@ -182,12 +189,16 @@ def mle_loss(var, labels, tokens, generator, label_drop: float = 0.1) -> torch.T
     return torch.nn.functional.cross_entropy(var(cond, inputs).flatten(0, 1), tokens.flatten())
 
 
-def train_mle(var, optimizer, labels, tokens, first: int, last: int, batch: int, seed: int = 0, every: int = 0, on_step=None):
+def train_mle(var, optimizer, labels, tokens, first: int, last: int, batch: int, seed: int = 0, every: int = 0, on_step=None,
+              set_lr=None):
     """MLE steps first..last-1 on the set (labels, tokens): batch b of step s drawn with replacement by a generator
     seeded with (seed, s), so that a run resumed at any step draws what an uninterrupted one would. Calls
-    `on_step(s + 1)` every `every` steps and after the last one (checkpoints, curve points)."""
+    `set_lr(s)` before step s (a learning-rate schedule) and `on_step(s + 1)` every `every` steps and after the last
+    one (checkpoints, curve points)."""
     var.train()
     for step in range(first, last):
+        if set_lr is not None:
+            set_lr(step)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         index = torch.randint(len(labels), (batch,), generator=generator)
         loss = mle_loss(var, labels[index], tokens[index], generator)

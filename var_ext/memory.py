@@ -27,7 +27,7 @@ import torch
 from ddo_patch import memory
 from ddo_patch.scoped import swapped
 from var_ext import models
-from var_ext.trainer import build_optimizer, ddo_loss
+from var_ext.trainer import build_optimizer, ddo_loss, mle_loss
 
 
 def _efficient_attention(query, key, value, scale, attn_mask=None, dropout_p=0.0):
@@ -55,24 +55,36 @@ def ddo_step(var, ref, quantize, opt, labels, real_tokens, fake_tokens, dropped,
     opt.backward_clip_step(stepping=True, loss=loss)
 
 
+def mle_step(var, quantize, opt, labels, real_tokens, dropped):
+    """The same micro-batch under `--objective mle`: upstream's cross-entropy on the real pyramids only."""
+    length = sum(tokens.shape[1] for tokens in real_tokens)
+    loss = mle_loss(var, quantize, labels, real_tokens, dropped, var.num_classes, torch.nn.CrossEntropyLoss(reduction='none'),
+                    torch.full((1, length), 1 / length, device=labels.device), opt.amp_ctx)
+    opt.backward_clip_step(stepping=True, loss=loss)
+
+
 def step_memory(cfg: models.VARConfig, batch_gpu: int, batch_rank: int | None = None, ddp: bool = True,
-                var_root=None) -> memory.MemoryEstimate:
-    """Expected per-GPU peak of DDO-training the VAR of `cfg` at `batch_gpu` real samples per pass; with
-    `batch_rank`, the rank's real images are tokenised at once before its micro-batches (`--data`)."""
+                var_root=None, objective: str = 'ddo') -> memory.MemoryEstimate:
+    """Expected per-GPU peak of training the VAR of `cfg` (DDO, or the MLE control) at `batch_gpu` real samples
+    per pass; with `batch_rank`, the rank's real images are tokenised at once before its micro-batches (`--data`)."""
     device = torch.device('meta')
     vae, var = models.build(cfg, device, var_root=var_root)
-    ref = models.frozen_copy(var)
+    ref = models.frozen_copy(var) if objective == 'ddo' else None
     var.train()
     opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=0, var_root=var_root)
     memory.create_optimizer_state(opt.optimizer)
-    batch = random_batch(cfg, batch_gpu, device)
+    labels, real_tokens, fake_tokens, dropped = random_batch(cfg, batch_gpu, device)
     with efficient_attention(var_root):
-        step = memory.step_peak(lambda: ddo_step(var, ref, vae.quantize, opt, *batch))
+        if objective == 'ddo':
+            step = memory.step_peak(lambda: ddo_step(var, ref, vae.quantize, opt, labels, real_tokens, fake_tokens, dropped))
+        else:
+            step = memory.step_peak(lambda: mle_step(var, vae.quantize, opt, labels, real_tokens, dropped))
     if batch_rank:
         images = torch.empty(batch_rank, 3, cfg.resolution, cfg.resolution, device=device)
         with torch.no_grad():
             step = max(step, memory.step_peak(lambda: vae.img_to_idxBl(images)))
-    fixed = memory.training_state(memory.parameter_count(var), ddp, vqvae=4 * memory.parameter_count(vae))
+    fixed = memory.training_state(memory.parameter_count(var), ddp, reference=ref is not None,
+                                  vqvae=4 * memory.parameter_count(vae))
     return memory.MemoryEstimate(batch_gpu, fixed, step)
 
 

@@ -16,7 +16,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, json_lines, option_args
-from ddo_patch.seeds import check_disjoint, parse_seeds
+from ddo_patch.seeds import parse_seeds
 from var_ext import run_files
 
 
@@ -26,7 +26,7 @@ class RoundsBackend(Backend):
     train_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers',
                      'label_drop', 'global_batch', 'batch_gpu', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd',
                      'grad_clip', 'amp', 'seed', 'log_every')
-    evaluate_options = ('metric', 'samples', 'cfg', 'select_cfg', 'batch', 'report_seeds')
+    evaluate_options = ('metric', 'samples', 'cfg', 'select_cfg', 'batch', 'report_seeds', 'noise_seeds')
     ddo_image_cost = 3.4   # measured with its online reference sampling: benchmarks/step_cost.py --backend var
     model_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z')   # var_ext.options
     file_options = ('vae',)
@@ -41,11 +41,10 @@ class RoundsBackend(Backend):
             raise cfg.error('var needs data (an ImageFolder root) or train.dataset (MODULE:FUNCTION)')
         try:
             self._score_key()
-            if self.reports():
-                check_disjoint({'the evaluation seeds (0 .. evaluate.samples - 1)': parse_seeds(self.evaluation_seeds('select')),
-                                'evaluate.report_seeds': parse_seeds(self.evaluation_seeds('report'))})
+            roles = {'the evaluation seeds (0 .. evaluate.samples - 1)': parse_seeds(self.evaluation_seeds('select'))}
         except DDOPatchError as err:
             raise cfg.error(str(err)) from None
+        self.check_report_seeds(roles)
 
     def metric_label(self):
         return f'{self.cfg.evaluate["metric"]} ({self._score_key()})'
@@ -71,8 +70,8 @@ class RoundsBackend(Backend):
         return ['--var-root', self.cfg.upstream_root] if self.cfg.upstream_root else []
 
     def evaluation_seeds(self, purpose) -> str:
-        if purpose == 'report':
-            return str(self.cfg.evaluate['report_seeds'])
+        if purpose in ('report', 'noise'):
+            return str(self.cfg.evaluate[f'{purpose}_seeds'])
         return f'0-{int(self.cfg.evaluate.get("samples", 50000)) - 1}'   # var_ext.train's --eval-samples
 
     def evaluation(self, snapshot, dest, purpose, options) -> Command:
@@ -91,12 +90,12 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return _scores(json.load(f))
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo') -> list:
         cfg = self.cfg
         evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'batch')}
-        args = ['--outdir', run_dir, '--ref', reference, '--ddo-alpha', str(alpha), '--ddo-beta', str(beta),
-                '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'],
-                '--no-initial-eval', *self._scale_options('--eval-cfg')] + (['--stop-at', str(stop_at)] if stop_at else [])
+        loss = ['--ddo-alpha', str(alpha), '--ddo-beta', str(beta)] if objective == 'ddo' else ['--objective', objective]
+        args = ['--outdir', run_dir, '--ref', reference, *loss, '--iterations', str(cfg.duration),
+                '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'], '--no-initial-eval', *self._scale_options('--eval-cfg')] + (['--stop-at', str(stop_at)] if stop_at else [])
         args += (['--data', cfg.data] if cfg.data else []) + option_args(evaluate) + option_args(options)
         return [Command('var_ext.train', args + self._root())]
 

@@ -13,6 +13,11 @@ selects; the paper keeps the best of "guidance-free / a moderate CFG scale" ever
 pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
 `--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
 AMP only on CUDA.
+
+`--objective mle` is the matched control: the same run (init, optimiser, schedule, batches, evaluation,
+selection, files) with upstream's token cross-entropy, the labels dropped at `--label-drop` (VAR pretrains
+with 0.1), and no reference model or samples. Whatever DDO gains beyond it is the objective's, not the
+finetune's (a low, annealed learning rate and best-of-N selection improve a model by themselves).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch.distributed as tdist
 
 from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
-from ddo_patch.losses import check_hyperparameters
+from ddo_patch.losses import OBJECTIVES, check_hyperparameters
 from var_ext import checkpoints, datasets, models, options, run_files
 from var_ext.evaluator import Evaluator
 from var_ext.options import add_model_options, init_distributed, load_pretrained
@@ -49,6 +54,9 @@ def parse_args(argv=None):
     g.add_argument('--workers', metavar='INT', type=int, default=datasets.default_workers(),
                    help='data loader processes per rank (default: min(4, CPUs per process on this machine - 1), here %(default)s)')
     g = p.add_argument_group('DDO (appendix C)')
+    g.add_argument('--objective', choices=OBJECTIVES, default='ddo',
+                   help='ddo, or mle: the matched control, this run with upstream\'s token cross-entropy (labels dropped at '
+                        '--label-drop) instead of the DDO loss, no reference samples (default: %(default)s)')
     g.add_argument('--ddo-alpha', metavar='FLOAT', type=float, default=50.0, help='weight of the reference-sample term; paper sweeps 10-100 (default: %(default)s)')
     g.add_argument('--ddo-beta', metavar='FLOAT', type=float, default=0.02, help='discriminator temperature (default: %(default)s)')
     g.add_argument('--label-drop', metavar='P', type=float, default=0.5, help='label dropout, shared by target and reference; alpha=0 there (default: %(default)s)')
@@ -85,7 +93,8 @@ def parse_args(argv=None):
 
 def validate(args, world_size):
     """Everything that can be checked before a file is written."""
-    check_hyperparameters(args.ddo_alpha, args.ddo_beta)
+    if args.objective == 'ddo':
+        check_hyperparameters(args.ddo_alpha, args.ddo_beta)
     if args.global_batch < 1 or args.global_batch % world_size:
         raise DDOPatchError(f'--global-batch {args.global_batch} is not divisible by the world size {world_size}; '
                             f'use a multiple of {world_size}')
@@ -141,13 +150,13 @@ def expected_memory(args, model_cfg, dataset, world_size):
     per_rank = args.global_batch // world_size
     images = dataset[0][0].is_floating_point()
     return step_memory(model_cfg, per_rank // accumulation_rounds(args, world_size), per_rank if images else None,
-                       ddp=world_size > 1, var_root=args.var_root)
+                       ddp=world_size > 1, var_root=args.var_root, objective=args.objective)
 
 
 def build(args, device, world_size):
     """Models, optimiser and trainer; raises before anything is written if a file does not fit the flags."""
     model_cfg, vae, var = load_pretrained(args, args.ref, device)
-    ref = models.frozen_copy(var)
+    ref = models.frozen_copy(var) if args.objective == 'ddo' else None
     var.train()
     ddp = var
     if world_size > 1:
@@ -158,7 +167,7 @@ def build(args, device, world_size):
                           grad_accum=accumulation_rounds(args, world_size), var_root=args.var_root)
     rank = tdist.get_rank() if world_size > 1 else 0
     return model_cfg, make_trainer(vae, var, ref, ddp, opt, args.ddo_alpha, args.ddo_beta, args.label_drop,
-                             seed=args.seed, rank=rank, var_root=args.var_root)
+                                   seed=args.seed, rank=rank, var_root=args.var_root, objective=args.objective)
 
 
 class Run:
@@ -271,9 +280,11 @@ def main(argv=None):
             record = {'iteration': iteration, 'Progress/lr': lr, **stats, 'Timing/samples_per_s': args.global_batch / seconds}
             run.append(run_files.LOG, record)
             if rank == 0:
-                print(f'[it {iteration}/{args.iterations}] loss {stats["Loss/loss"]:.4f} (real {stats["DDO/loss_real"]:.4f} '
-                      f'fake {stats["DDO/loss_fake"]:.4f}) acc real {stats["DDO/accuracy_real"]:.3f} fake '
-                      f'{stats["DDO/accuracy_fake"]:.3f} lr {lr:.3g} {significant(record["Timing/samples_per_s"])} samples/s '
+                terms = ' (mle)' if args.objective == 'mle' else (
+                    f' (real {stats["DDO/loss_real"]:.4f} fake {stats["DDO/loss_fake"]:.4f}) acc real '
+                    f'{stats["DDO/accuracy_real"]:.3f} fake {stats["DDO/accuracy_fake"]:.3f}')
+                print(f'[it {iteration}/{args.iterations}] loss {stats["Loss/loss"]:.4f}{terms} lr {lr:.3g} '
+                      f'{significant(record["Timing/samples_per_s"])} samples/s '
                       f'(generate {stats[TIMINGS[0]]:.2f}s, train {stats[TIMINGS[1]]:.2f}s)', flush=True)
         improved = False
         if evaluator is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):

@@ -16,6 +16,11 @@ reference and replaces the maximum-likelihood step by:
 6. `AmpOptimizer.backward_clip_step`.
 
 At theta = theta_ref every delta is 0, so the loss is log 2 * (1 + alpha * fraction of kept labels).
+
+With objective 'mle' (the matched control, `--objective mle`) the same trainer takes upstream's own step
+instead: no reference samples, the real batch's token cross-entropy (`VARTrainer.train_loss`, weighted by
+its `loss_weight`, 1/L per token) with the labels dropped at the label-dropout rate (VAR's `cond_drop_rate`,
+drawn here from the step's generator); optimiser, schedule, batches and checkpoints are the DDO run's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import time
 import torch
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.losses import autoregressive_ddo_terms, check_hyperparameters, label_dropout_alpha, sequence_log_likelihood
+from ddo_patch.losses import (
+    OBJECTIVES,
+    autoregressive_ddo_terms,
+    check_hyperparameters,
+    label_dropout_alpha,
+    sequence_log_likelihood,
+)
 from var_ext import sampler
 from var_ext.models import import_upstream
 
@@ -89,18 +100,35 @@ def ddo_loss(var, ref_var, quantize, labels, real_tokens, fake_tokens, dropped, 
     return terms.loss.mean(), terms
 
 
-class DDOTrainer:
-    """The DDO step on top of an upstream `VARTrainer` (`base`) and a frozen reference VAR."""
+def mle_loss(var, quantize, labels, real_tokens, dropped, num_classes, train_loss, loss_weight, amp_ctx):
+    """Upstream's training loss (`VARTrainer.train_step`), the matched control's: per-token cross-entropy
+    `train_loss` of the teacher-forced pyramid, weighted per position by `loss_weight` (1/L each), summed over
+    positions and averaged over the batch; labels replaced by the unconditional class `num_classes` where `dropped`."""
+    cond = torch.where(dropped, num_classes, labels)
+    targets = torch.cat(real_tokens, dim=1)
+    with amp_ctx:
+        logits = var(cond, quantize.idxBl_to_var_input(real_tokens))
+        loss = train_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
+    return loss.mul(loss_weight).sum(dim=-1).mean()
 
-    def __init__(self, base, ref_var, alpha: float, beta: float, label_drop: float = 0.5, seed: int = 0, rank: int = 0):
-        check_hyperparameters(alpha, beta)
+
+class DDOTrainer:
+    """The DDO step (or, objective 'mle', upstream's MLE step) on top of an upstream `VARTrainer` (`base`) and a
+    frozen reference VAR (unused by the MLE step)."""
+
+    def __init__(self, base, ref_var, alpha: float, beta: float, label_drop: float = 0.5, seed: int = 0, rank: int = 0,
+                 objective: str = 'ddo'):
+        if objective not in OBJECTIVES:
+            raise DDOPatchError(f'unknown objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
+        if objective == 'ddo':
+            check_hyperparameters(alpha, beta)
         if not 0 <= label_drop < 1:
             raise DDOPatchError(f'label dropout must lie in [0, 1), got {label_drop}')
         if base.var_wo_ddp.cond_drop_rate != 0:
             raise DDOPatchError('the trained VAR still draws its own label dropout; build it with var_ext.models.build')
-        self.base, self.ref_var = base, ref_var
+        self.base, self.ref_var, self.objective = base, ref_var, objective
         self.alpha, self.beta, self.label_drop = alpha, beta, label_drop
-        self.device = next(ref_var.parameters()).device
+        self.device = next(base.var_wo_ddp.parameters()).device
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator(device=self.device)   # fake samples and dropout mask, reseeded per step
 
@@ -131,8 +159,8 @@ class DDOTrainer:
                         self.alpha, self.beta, self.base.var_opt.amp_ctx)
 
     def step(self, labels: torch.Tensor, real_tokens, iteration: int, micro: int = 0, stepping: bool = True) -> dict:
-        """One DDO update (or, with stepping=False, one accumulated micro-batch) from a real batch given as
-        labels [B] and token indices per scale; returns the batch means of what it logs.
+        """One update (or, with stepping=False, one accumulated micro-batch) from a real batch given as labels [B]
+        and token indices per scale; returns the batch means of what it logs.
 
         The reference samples and the dropout mask depend on (seed, rank, iteration, micro) only, so a
         resumed run draws what an uninterrupted one would have drawn.
@@ -142,18 +170,22 @@ class DDOTrainer:
         self.generator.manual_seed((((self.seed * 100_003 + self.rank) * 1_000_003 + iteration) * 1009 + micro) % 2 ** 63)
         self.base.var.require_backward_grad_sync = stepping   # DDP all-reduces on the last micro-batch only
         start = time.perf_counter()
-        fake_tokens = self.reference_tokens(labels)
+        fake_tokens = self.reference_tokens(labels) if self.objective == 'ddo' else None
         sync()
         generated = time.perf_counter()
         dropped = torch.rand(labels.shape[0], generator=self.generator, device=self.device) < self.label_drop
-        loss, terms = self.loss(labels, real_tokens, fake_tokens, dropped)
+        log = {}
+        if self.objective == 'ddo':
+            loss, terms = self.loss(labels, real_tokens, fake_tokens, dropped)
+            log.update({name: values.mean().item() if values.numel() else float('nan')   # no kept label: no fake accuracy
+                        for name, values in terms.log_values(fake_counted=~dropped).items()})
+            log['DDO/kept_labels'] = (~dropped).float().mean().item()
+        else:
+            loss = mle_loss(self.base.var, self.base.quantize_local, labels, real_tokens, dropped, self.var_wo_ddp.num_classes,
+                            self.base.train_loss, self.base.loss_weight, self.base.var_opt.amp_ctx)
         grad_norm, _ = self.base.var_opt.backward_clip_step(stepping=stepping, loss=loss)
         sync()
-        log = {'Loss/loss': loss.item()}
-        log.update({name: values.mean().item() if values.numel() else float('nan')   # no kept label: no fake accuracy
-                    for name, values in terms.log_values(fake_counted=~dropped).items()})
-        log.update({'DDO/kept_labels': (~dropped).float().mean().item(),
-                    'Loss/grad_norm': float(grad_norm) if grad_norm is not None else float('nan'),
+        log.update({'Loss/loss': loss.item(), 'Loss/grad_norm': float(grad_norm) if grad_norm is not None else float('nan'),
                     TIMINGS[0]: generated - start, TIMINGS[1]: time.perf_counter() - generated})
         return log
 
@@ -167,11 +199,12 @@ class DDOTrainer:
         self.base.load_state_dict(dict(state), strict=True, skip_vae=True)
 
 
-def make_trainer(vae, var_wo_ddp, ref_var, var_ddp, opt, alpha, beta, label_drop=0.5, seed=0, rank=0, var_root=None):
-    """Wrap the models in upstream's VARTrainer (no label smoothing) and our DDO step on top."""
+def make_trainer(vae, var_wo_ddp, ref_var, var_ddp, opt, alpha, beta, label_drop=0.5, seed=0, rank=0, var_root=None,
+                 objective='ddo'):
+    """Wrap the models in upstream's VARTrainer (no label smoothing) and our DDO (or MLE) step on top."""
     var_trainer = import_upstream(var_root, 'trainer')
     device = next(var_wo_ddp.parameters()).device
     patch_nums = tuple(var_wo_ddp.patch_nums)
     base = var_trainer.VARTrainer(device=device, patch_nums=patch_nums, resos=tuple(16 * pn for pn in patch_nums),
                                   vae_local=vae, var_wo_ddp=var_wo_ddp, var=var_ddp, var_opt=opt, label_smooth=0.0)
-    return DDOTrainer(base, ref_var, alpha, beta, label_drop, seed, rank)
+    return DDOTrainer(base, ref_var, alpha, beta, label_drop, seed, rank, objective)

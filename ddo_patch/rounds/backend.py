@@ -7,9 +7,10 @@ adapter, subclasses `Backend`, and answers:
 - which options `[train]`, `[[override]]`, `[evaluate]` and `[reference_samples]` may hold, which of
   them name files, and what else of the config it requires (`validate`);
 - the commands of a round's reference samples (from the round's own seeds), of one evaluation of a
-  snapshot (the round's reference; the chosen snapshot on the report seeds) and of one sweep point
-  (`reference_samples`, `evaluation`, `run_commands`), as `Command`s that the launcher runs through the
-  codebase's native launcher; a sweep point does not evaluate its starting point, the reference;
+  snapshot (the round's reference; the chosen snapshot and the control's on the report seeds; the first
+  reference on the noise seeds) and of one sweep point or matched control (`reference_samples`,
+  `evaluation`, `run_commands` with objective 'ddo' or 'mle'), as `Command`s that the launcher runs through
+  the codebase's native launcher; a run does not evaluate its starting point, the reference;
 - what a finished run or evaluation recorded: the evaluations and their scores (`collect`,
   `read_evaluation`, and `evaluation_scores` for what an evaluation scored besides the selecting score,
   e.g. VAR's score at each guidance scale). The manager takes the scores as the runs wrote them; it
@@ -25,7 +26,7 @@ import os
 from typing import NamedTuple
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.seeds import parse_seeds
+from ddo_patch.seeds import check_disjoint, parse_seeds
 
 
 class ReferenceSamples(NamedTuple):
@@ -68,7 +69,8 @@ class Backend:
 
     def evaluation(self, snapshot, dest, purpose, options) -> Command:
         """The command that scores `snapshot` into `dest` ('select': on the evaluation seeds; 'report': on
-        evaluate.report_seeds); `options` are the round's train options (the model's shape, for VAR)."""
+        evaluate.report_seeds; 'noise': on evaluate.noise_seeds); `options` are the round's train options (the
+        model's shape, for VAR)."""
         raise NotImplementedError
 
     def evaluation_seeds(self, purpose) -> str:
@@ -79,6 +81,30 @@ class Backend:
         """Whether the config asks for a report evaluation of each round's chosen snapshot (evaluate.report_seeds)."""
         return 'report_seeds' in self.cfg.evaluate
 
+    def measures_noise(self) -> bool:
+        """Whether the config asks for the report metric's own noise: the pretrained model scored on evaluate.noise_seeds,
+        as many seeds as evaluate.report_seeds and disjoint from them."""
+        return 'noise_seeds' in self.cfg.evaluate
+
+    def check_report_seeds(self, roles: dict) -> None:
+        """Add the report and noise seeds (when configured) to `roles` ({what: seeds}), check that they are all
+        disjoint and that the two report-size sets have the same size; raise `self.cfg.error(...)`."""
+        if self.reports():
+            roles['evaluate.report_seeds'] = parse_seeds(self.evaluation_seeds('report'))
+        if self.measures_noise():
+            if not self.reports():
+                raise self.cfg.error('evaluate.noise_seeds measures the noise of the report seeds\' scores; '
+                                     'give evaluate.report_seeds too')
+            roles['evaluate.noise_seeds'] = parse_seeds(self.evaluation_seeds('noise'))
+            if len(roles['evaluate.noise_seeds']) != len(roles['evaluate.report_seeds']):
+                raise self.cfg.error(f'evaluate.noise_seeds must be as many seeds as evaluate.report_seeds (a metric such as FID '
+                                     f'depends on the sample count), got {len(roles["evaluate.noise_seeds"])} and '
+                                     f'{len(roles["evaluate.report_seeds"])}')
+        try:
+            check_disjoint(roles)
+        except DDOPatchError as err:
+            raise self.cfg.error(str(err)) from None
+
     def read_evaluation(self, path) -> float:
         raise NotImplementedError
 
@@ -86,9 +112,10 @@ class Backend:
         """Every score the evaluation at `path` recorded, by name, for the manifest ({}: only the selecting one)."""
         return {}
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None) -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo') -> list:
         """The job of one sweep point: train (to `stop_at` steps, a rung, or to the end of the round when None;
-        a later call with a larger one continues the same run), then evaluate what is new."""
+        a later call with a larger one continues the same run), then evaluate what is new. objective 'mle': the
+        round's matched control, the same job with the MLE loss (`fake`, `alpha` and `beta` are None)."""
         raise NotImplementedError
 
     def train_images(self, options, steps) -> int:

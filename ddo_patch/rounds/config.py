@@ -25,6 +25,11 @@
     P_std = 3.0
     lr = 2e-5
 
+    [control]                            # optional: the matched control, one more run per round
+    objective = "mle"                    # the same run as a sweep point, with upstream's MLE loss; never promoted
+    start = "reference"                  # or "control": from the control's own choice of the previous round
+    label_drop = 0.1                     # train options for the control alone (here VAR's pretraining rate)
+
     [evaluate]  [reference_samples]  [stop]  [launcher]   (see docs/rounds.md)
 
 Relative paths are relative to the config file; `${VAR}` is taken from the environment. Which options
@@ -76,6 +81,7 @@ class RoundsConfig:
     sweep: dict                  # policy ('grid' or 'halving'), rungs (steps, increasing), keep, carry
     train: dict
     overrides: list              # [(from_round, {option: value})], sorted
+    control: dict                # {} or objective ('mle'), start ('reference' or 'control'), options (train options)
     evaluate: dict
     reference_samples: dict
     stop: dict                   # min_improvement, patience
@@ -89,6 +95,10 @@ class RoundsConfig:
             if round_idx >= first:
                 options.update(values)
         return options
+
+    def control_options(self, round_idx: int) -> dict:
+        """The control's train options in round `round_idx`: the round's, with [control]'s own on top."""
+        return dict(self.round_options(round_idx), **self.control['options'])
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -202,6 +212,29 @@ def _launcher(path, raw):
     return launcher
 
 
+CONTROL_STARTS = ('reference', 'control')
+
+
+def _control(path, raw, backend, base) -> dict:
+    """[control]: objective (only 'mle'), start, and train options for the control alone."""
+    if not raw:
+        return {}
+    options = {k: v for k, v in raw.items() if k not in ('objective', 'start')}
+    _known(path, options, f'{backend.name} control', backend.train_options + ('objective', 'start'))
+    if raw.get('objective') != 'mle':
+        _fail(path, f'control.objective must be "mle" (the matched control: the same run with upstream\'s MLE loss), '
+                    f'got {raw.get("objective")!r}')
+    start = raw.get('start', 'reference')
+    if start not in CONTROL_STARTS:
+        _fail(path, f'control.start must be "reference" (each round\'s control starts from that round\'s reference) or '
+                    f'"control" (from the previous round\'s control), got {start!r}')
+    for key in backend.file_options:
+        if key in options:
+            options[key] = _expand(path, options[key], base)
+            _check_file(path, f'control.{key}', options[key])
+    return dict(objective='mle', start=start, options=options)
+
+
 def _check_file(path, where, value):
     if '://' not in value and not os.path.exists(value):
         _fail(path, f'{where} {value} does not exist')
@@ -211,7 +244,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     """Validate a parsed TOML document; raise DDOPatchError with a one-line message on the first problem."""
     base = os.path.dirname(os.path.abspath(path))
     _known(path, raw, 'top-level', ('backend', 'rounds', 'pretrained', 'data', 'pretraining_images', 'upstream_root', 'run',
-                                    'sweep', 'train', 'override', 'evaluate', 'reference_samples', 'stop', 'launcher'))
+                                    'sweep', 'train', 'override', 'control', 'evaluate', 'reference_samples', 'stop', 'launcher'))
     try:
         backend = load_backend_class(raw.get('backend'))
     except DDOPatchError as err:
@@ -259,6 +292,8 @@ def parse(raw: dict, path: str) -> RoundsConfig:
             if key in options:
                 _number(path, f'{key}', options[key], 0, open_min=True)
 
+    control = _control(path, dict(raw.get('control', {})), backend, base)
+
     evaluate = dict(raw.get('evaluate', {}))
     _known(path, evaluate, f'{backend.name} evaluate', backend.evaluate_options)
     if 'metric' not in evaluate:
@@ -294,7 +329,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     cfg = RoundsConfig(source=os.path.abspath(path), backend=raw['backend'], rounds=rounds, pretrained=pretrained, data=data,
                        pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
                        sweep=policy,
-                       train=train, overrides=overrides, evaluate=evaluate, reference_samples=reference_samples,
+                       train=train, overrides=overrides, control=control, evaluate=evaluate, reference_samples=reference_samples,
                        stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
     cfg.make_backend().validate()
     return cfg

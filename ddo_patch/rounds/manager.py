@@ -20,7 +20,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds import config as rounds_config
-from ddo_patch.rounds import manifest, sweep
+from ddo_patch.rounds import control, manifest, sweep
 from ddo_patch.rounds.backend import point_name
 from ddo_patch.rounds.launch import (
     Job,
@@ -55,6 +55,7 @@ def _start_manifest(workdir, cfg, backend) -> dict:
                     step_unit=backend.step_unit,
                     status='running', stop_reason=None, rounds=[])
     old = {k: v for k, v in previous['config'].items() if k not in rounds_config.CHANGEABLE + ('source',)}
+    old.setdefault('control', {})   # work directories started before [control] existed had none
     changed = sorted(k for k in set(old) | set(cfg.identity()) if old.get(k) != cfg.identity().get(k))
     if changed:
         raise DDOPatchError(f'{workdir} was started with a different configuration ({", ".join(changed)} changed); '
@@ -63,11 +64,12 @@ def _start_manifest(workdir, cfg, backend) -> dict:
     return previous
 
 
-def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, steps) -> dict:
-    """The manifest entry of one finished job (a sweep point trained to `steps`): its configuration, command lines,
-    exit status, evaluations and best snapshot (with its content hash), what it cost, or why it failed."""
+def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, steps, name=None, objective='ddo') -> dict:
+    """The manifest entry of one finished job (a sweep point, or the control, trained to `steps`): its configuration,
+    command lines, exit status, evaluations and best snapshot (with its content hash), what it cost, or why it failed."""
     status = read_status(workdir, job)
-    record = dict(name=point_name(alpha, beta), alpha=alpha, beta=beta, options=options, run_dir=run_dir, job=job.path,
+    record = dict(name=name or point_name(alpha, beta), objective=objective, alpha=alpha, beta=beta, options=options,
+                  run_dir=run_dir, job=job.path,
                   images=backend.train_images(options, steps), commands=[command_line(launcher, c) for c in job.commands],
                   exit_status=status['exit_status'], wall_seconds=status['wall_seconds'],
                   interruptions=status.get('interruptions', 0), evaluations=[], best=None)
@@ -188,30 +190,40 @@ def _prepare_round(workdir, cfg, backend, launcher, m, record) -> str | bool | N
 
 
 def _report(workdir, cfg, backend, launcher, m, record) -> bool:
-    """With evaluate.report_seeds: {'reference': ..., 'chosen': ...}, the two snapshots' scores on seeds that select
-    nothing. A snapshot the previous round scored (this round's reference) is not evaluated again. False while queued."""
+    """With evaluate.report_seeds: {'reference': ..., 'chosen': ..., 'control': ...}, the snapshots' scores on seeds
+    that select nothing, and in round 1 with evaluate.noise_seeds 'reference_noise', the reference on a second set of
+    as many seeds (the report metric's own noise). A snapshot the previous round scored (this round's reference, a kept
+    control start) is not evaluated again. False while queued."""
     if not backend.reports() or record['report'] is not None:
         return True
     previous = _previous_round(m, record)
-    known = {} if previous is None else {entry['snapshot']: dict(score=entry['score'], snapshot=entry['snapshot'],
-                                                                 source=f'round {previous["round"]}')
-                                         for entry in previous['report'].values()}
-    snapshots = dict(reference=record['reference']['path'], chosen=record['chosen']['snapshot'])
-    todo = {snapshot: _Evaluation(cfg, backend, record, snapshot, 'report', f'report-{role}')
-            for role, snapshot in reversed(list(snapshots.items())) if snapshot not in known}   # a kept reference: once
+    known = {} if previous is None else {(entry['snapshot'], entry.get('purpose', 'report')): dict(
+        score=entry['score'], snapshot=entry['snapshot'], purpose=entry.get('purpose', 'report'), source=f'round {previous["round"]}')
+        for entry in previous['report'].values()}
+    wanted = dict(reference=(record['reference']['path'], 'report'), chosen=(record['chosen']['snapshot'], 'report'))
+    if record.get('control'):
+        wanted['control'] = (record['control']['chosen']['snapshot'], 'report')
+    if record['round'] == 1 and backend.measures_noise():
+        wanted['reference_noise'] = (record['reference']['path'], 'noise')
+    todo = {key: _Evaluation(cfg, backend, record, key[0], key[1], f'{key[1]}-{role.split("_")[0]}')
+            for role, key in reversed(list(wanted.items())) if key not in known}   # a kept reference: once
     statuses = _round_jobs(workdir, launcher, [e.job for e in todo.values()])
     if statuses is False:
         return False
-    known.update({snapshot: e.result(workdir, statuses[e.job.name]) for snapshot, e in todo.items()})
-    record['report'] = {role: known[snapshot] for role, snapshot in snapshots.items()}
+    known.update({key: e.result(workdir, statuses[e.job.name]) for key, e in todo.items()})
+    record['report'] = {role: known[key] for role, key in wanted.items()}
     return True
 
 
 def _forget_failed(workdir, record):
-    """Drop the failed runs of an unfinished round, so that they run again (they resume where they can)."""
+    """Drop the failed runs (the control's too) of an unfinished round, so that they run again (they resume where
+    they can)."""
     for run in [r for r in record['runs'] if r['status'] == 'failed']:
         record['runs'].remove(run)
         forget(workdir, Job(name=run['name'], path=run['job'], commands=[]))
+    if record.get('control') and record['control']['status'] == 'failed':
+        forget(workdir, Job(name=control.NAME, path=record['control']['job'], commands=[]))
+        record['control'] = None
 
 
 def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
@@ -244,11 +256,17 @@ def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
             return _run_record(workdir, backend, cfg.launcher, job, alpha, beta, options, run_dir, target)
 
         if final:
+            begin = control.start(cfg, m, record) if cfg.control and not record.get('control') else None
+            control_job = begin and control.job(cfg, backend, record, begin)
+
             def on_done(job):
-                run = finished(job)
-                _add_run(record, run, backend)
+                if control_job and job.name == control_job.name:
+                    _add_control(workdir, cfg, backend, record, control_job, begin)
+                else:
+                    _add_run(record, finished(job), backend)
                 save()
-            return not jobs or launcher.run([job for job, *_ in jobs.values()], on_done)
+            todo = [job for job, *_ in jobs.values()] + ([control_job] if control_job else [])
+            return not todo or launcher.run(todo, on_done)
         todo = [job for job, *_ in jobs.values() if read_status(workdir, job) is None]
         if todo and not launcher.run(todo, on_done=lambda _: None):
             return False
@@ -268,6 +286,17 @@ def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
               f'stopped {", ".join(record["rungs"][-1]["stopped"]) or "none"}', flush=True)
         active = [point for point in active if point_name(*point) in kept]
     return True
+
+
+def _add_control(workdir, cfg, backend, record, job, begin):
+    """Record the round's finished control run and its choice (`ddo_patch.rounds.control`)."""
+    run = _run_record(workdir, backend, cfg.launcher, job, None, None, cfg.control_options(record['round']),
+                      job.path, cfg.duration, name=control.NAME, objective=cfg.control['objective'])
+    record['control'] = dict(run, start=begin, chosen=control.choose(run, begin))
+    chosen = record['control']['chosen']
+    print(f'round {record["round"]} control ({cfg.control["objective"]}, from {begin["source"]}): {run["status"]}' +
+          (f', chose {chosen["run"]} step {chosen["step"]}: {backend.metric_label()} {chosen["score"]:.4g}' if run['best'] else
+           f' ({run["error"]})'), flush=True)
 
 
 def _add_run(record, run, backend):
@@ -315,6 +344,7 @@ def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> 
     `retry_failed`: run the failed sweep points of the unfinished round again (finished rounds stay as they are)."""
     cfg = rounds_config.load(config_path)
     backend = cfg.make_backend()
+    workdir = os.path.abspath(workdir)   # jobs run in it: a relative path would be taken from there again
     os.makedirs(workdir, exist_ok=True)
     lock = _lock(workdir)  # noqa: F841 (held until we return)
     m = _start_manifest(workdir, cfg, backend)
@@ -331,7 +361,7 @@ def run(config_path, workdir, wait: bool = True, retry_failed: bool = False) -> 
                 else dict(path=cfg.pretrained, sha256=manifest.sha256(cfg.pretrained), promoted_from=None)
             m['rounds'].append(dict(round=round_idx, dir=round_dir(round_idx), status='running', reference=reference,
                                     reference_samples=None, reference_evaluation=None, points=None, rungs=[], runs=[],
-                                    chosen=None, reference_score=None, improvement=None, stalled=None, report=None,
+                                    chosen=None, reference_score=None, improvement=None, stalled=None, control=None, report=None,
                                     cost=None))
             os.makedirs(os.path.join(workdir, round_dir(round_idx)), exist_ok=True)
             manifest.save(workdir, m)

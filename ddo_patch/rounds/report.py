@@ -38,6 +38,12 @@ def status_lines(workdir) -> list:
         lines.append(f'  round {r["round"]:>2} {r["status"]:<8} runs done {done}, failed {failed}, ' +
                      (f'stopped {stopped}, ' if stopped else '') + f'pending {points - done - failed - stopped}  {chosen}')
         lines += [f'      {run["name"]}: failed: {run["error"]}' for run in r['runs'] if run['status'] == 'failed']
+        control = r.get('control')
+        if control:
+            lines.append(f'      control ({control["objective"]}, from {control["start"]["source"]}): ' +
+                         (f'failed: {control["error"]}' if control['status'] == 'failed' else
+                          f'chose {control["chosen"]["run"]} step {control["chosen"]["step"]}: {_score(control["chosen"]["score"])}') +
+                         (f'; report seeds {_score(r["report"]["control"]["score"])}' if (r.get('report') or {}).get('control') else ''))
     running = manifest.read_json(os.path.join(workdir, RUNNING))
     if running and m['status'] == 'running':
         lines.append(f'  local job {running["job"]} is running or was interrupted (log: {os.path.join(workdir, running["log"])})')
@@ -49,7 +55,7 @@ def cost_rows(m) -> list:
     everything the round ran (training, sampling, evaluation; `ddo_patch.rounds.sweep`), when it is done."""
     total, rows = 0, []
     for r in m['rounds']:
-        seen = sum(run['images'] for run in r['runs'])
+        seen = sum(run['images'] for run in r['runs'] + ([r['control']] if r.get('control') else []))
         total += seen
         chosen = next((run['images'] for run in r['runs'] if r['chosen'] and run['name'] == r['chosen']['run']), 0)
         rows.append(dict(round=r['round'], round_images=seen, chosen_images=chosen, cumulative_images=total,
@@ -81,7 +87,45 @@ def table(m) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |' for row in rows]
     note = ('\nScores select on the evaluation seeds (a sweep point is chosen only if it beats the reference); '
             '"report" columns score the same snapshots on seeds that selected nothing.\n' if reported else '')
-    return '\n'.join(lines) + '\n' + note
+    return '\n'.join(lines) + '\n' + note + control_table(m)
+
+
+def noise(m) -> dict | None:
+    """The report metric's own noise: round 1's reference on the report seeds and on as many noise seeds."""
+    report = (m['rounds'][0].get('report') or {}) if m['rounds'] else {}
+    if 'reference_noise' not in report:
+        return None
+    a, b = report['reference']['score'], report['reference_noise']['score']
+    return dict(report=a, noise=b, difference=abs(a - b))
+
+
+def control_table(m) -> str:
+    """DDO's choice against the matched control's, per round, on the selection and (when scored) the report seeds,
+    with the report metric's noise."""
+    rounds = [r for r in m['rounds'] if r.get('control') and r['chosen']]
+    if not rounds:
+        return ''
+    start = "the round's reference" if m['config']['control']['start'] == 'reference' else "the previous round's control choice"
+    lines = ['', f'DDO against the matched control ({m["config"]["control"]["objective"]}: the same runs with the MLE loss, '
+                 f'each starting from {start}; never promoted):', '',
+             '| round | DDO chosen | control chosen | DDO - control | report: DDO | report: control | report: DDO - control |',
+             '|---|---|---|---|---|---|---|']
+    for r in rounds:
+        ddo, ctl, report = r['chosen']['score'], r['control']['chosen']['score'], r.get('report') or {}
+        cells = [str(r['round']), f'{_score(ddo)} ({r["chosen"]["run"]})', f'{_score(ctl)} ({r["control"]["chosen"]["run"]})',
+                 f'{ddo - ctl:+.4g}']
+        if 'control' in report:
+            cells += [_score(report['chosen']['score']), _score(report['control']['score']),
+                      f'{report["chosen"]["score"] - report["control"]["score"]:+.4g}']
+        else:
+            cells += ['-', '-', '-']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    measured = noise(m)
+    lines += ['', 'Lower is better; a negative difference is in DDO\'s favour. ' + (
+        f'The report metric\'s own noise: the pretrained model scores {measured["report"]:.4g} on the report seeds and '
+        f'{measured["noise"]:.4g} on as many other seeds (evaluate.noise_seeds), {measured["difference"]:.3g} apart.'
+        if measured else 'Give evaluate.noise_seeds to measure the report metric\'s own noise beside it.'), '']
+    return '\n'.join(lines)
 
 
 def plot(m, path):
@@ -103,6 +147,14 @@ def plot(m, path):
         left.plot([0] + [r['round'] for r in reported],
                   [reported[0]['report']['reference']['score']] + [r['report']['chosen']['score'] for r in reported],
                   's:', color='C2', label='report seeds (round 0: pretrained)')
+    controlled = [r for r in done if r.get('control')]
+    if controlled:
+        left.plot([r['round'] for r in controlled], [r['control']['chosen']['score'] for r in controlled], 'D-', color='C1',
+                  label='matched control (MLE), its choice')
+        scored = [r for r in controlled if 'control' in (r.get('report') or {})]
+        if scored:
+            left.plot([r['round'] for r in scored], [r['report']['control']['score'] for r in scored], 'D:', color='C1', mfc='none',
+                      label='matched control, report seeds')
     left.set(xlabel='round', ylabel=f'{m["metric"]} (lower is better)', title='metric per round')
     left.legend()
     costs = cost_rows(m)

@@ -47,18 +47,22 @@ def survivors(best_scores: dict, keep: float) -> list:
 
 
 def run_cost(backend, run) -> float:
-    """MLE-image equivalents of one sweep point: its training images and its evaluations."""
-    return run['images'] * backend.ddo_image_cost + len(run['evaluations']) * backend.evaluation_cost('select')
+    """MLE-image equivalents of one run (a sweep point, or the control, whose images cost one each): its training
+    images and its evaluations."""
+    image_cost = 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
+    return run['images'] * image_cost + len(run['evaluations']) * backend.evaluation_cost('select')
 
 
 def round_cost(backend, record) -> dict:
-    """What the round spent: images trained, samples generated, and all of it in MLE-image equivalents."""
+    """What the round spent (its control included): images trained, samples generated, and all of it in MLE-image
+    equivalents."""
     evaluations = [e for e in [record['reference_evaluation']] + list((record.get('report') or {}).values())
                    if e and e.get('source') == 'evaluated']
+    runs = record['runs'] + ([record['control']] if record.get('control') else [])
     samples = backend.reference_sample_count(record['round']) if record.get('reference_samples') else 0
-    return dict(train_images=sum(run['images'] for run in record['runs']),
-                evaluation_samples=sum(len(run['evaluations']) * backend.evaluation_samples('select') for run in record['runs']) +
+    return dict(train_images=sum(run['images'] for run in runs),
+                evaluation_samples=sum(len(run['evaluations']) * backend.evaluation_samples('select') for run in runs) +
                 sum(backend.evaluation_samples(e['purpose']) for e in evaluations),
                 reference_samples=samples,
-                mle_equivalents=sum(run_cost(backend, run) for run in record['runs']) + samples * backend.sample_cost('reference') +
+                mle_equivalents=sum(run_cost(backend, run) for run in runs) + samples * backend.sample_cost('reference') +
                 sum(backend.evaluation_cost(e['purpose']) for e in evaluations))
