@@ -1,22 +1,30 @@
-"""Does DDO improve a real image generator? The whole EDM2 route on scikit-learn's UCI digits, on a CPU.
+"""Does DDO improve a real image generator, beyond the finetune around it? The whole EDM2 route on scikit-learn's
+UCI digits, on a CPU.
 
     pip install -e '.[digits]' && ddo-patch fetch edm2
     python benchmarks/digits.py --outdir runs/digits          # rerun the same command to resume after any stop
 
 Stages, each cached in --outdir (a rerun skips what is done):
   1. data       `edm2_ext.digits`: train.zip (1497 scans), heldout.zip (300), the classifier and its statistics
-  2. pretrain   a class-conditional EDM2 Precond by MLE with upstream's loop (`python -m edm2_ext.pretrain`), a
-                snapshot every 32Ki images; the FID of each one is the pretraining curve (has it plateaued?)
-  3. rounds     `ddo-patch rounds run configs/digits-edm2.toml` (alpha x beta grid, 3 rounds, selection seeds;
-                the config's report seeds are dropped: stage 6 reports every model on the same seeds)
-  4. continued  the same run continued by MLE for as many images as the chosen path trained in all rounds, with
-                the same optimiser state and schedule (the paper's control, figure 6)
-  5. guidance   autoguidance (EDM2's rival, 2x network evaluations): the final model guided by its own early
+  2. pretrain   a class-conditional EDM2 Precond by MLE with upstream's loop (`python -m edm2_ext.pretrain`, its
+                1/sqrt decay and power EMA), a snapshot every 32Ki images; their FIDs are the pretraining curve
+  3. rounds     `ddo-patch rounds run configs/digits-edm2.toml` once per training seed (1, 2, 3: the data order, the
+                noise and the round's reference-sample seeds), two at a time: an alpha x beta grid, 3 rounds,
+                selection on the selection seeds, and the config's [control], the matched control: each round the
+                same run with upstream's MLE loss, from the previous round's control choice (a chain as long as
+                DDO's), selected the same way
+  4. continued  the pretraining run continued by MLE (its optimiser state and schedule) for as many images as DDO
+                trained (the paper's control, figure 6), then on to as many MLE-image equivalents as the DDO rounds
+                spent (training, reference samples, evaluations), its best snapshot by the selection seeds
+  5. guidance   autoguidance (EDM2's rival, 2x network evaluations): the MLE model guided by its own early
                 snapshot, at the weight of a small sweep that is best on the selection seeds
-  6. report     every model on the report seeds, disjoint from all selection: FID, precision and recall
-                (k-NN, k = 3) in the classifier's features, class consistency; the metric's own noise (two real
-                halves, the MLE model on disjoint seed sets); nearest-neighbour distances to the training images
-                (memorisation); digits.md, digits.json, digits.png
+  6. report     every model on the report seeds, disjoint from all selection, sampled once (OUT/samples): against
+                the training split FID, precision and recall (k-NN, k = 3) in the classifier's features and class
+                consistency; against the 300 held-out images the same in 300-sample chunks (mean and spread);
+                memorisation (`digits_report`)
+  7. compare    DDO - control per round and training seed, paired on the report seeds (bootstrap / chunk standard
+                errors), and over the seeds; the metric's own noise (two real halves, the MLE model on disjoint
+                seed sets); digits.md, digits.json, digits.png
 
 FID is biased upwards by about the feature dimension over the sample count, so only numbers at the same
 count compare; the real-halves figure (two sets of 748) is larger than a model's on --report-seeds samples
@@ -26,6 +34,7 @@ for that reason alone.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import time
 
+import digits_report
 import numpy as np
 
 from ddo_patch import upstream
@@ -48,9 +58,9 @@ EMA = '0.100'
 SIZES = {
     'full': dict(net=['--channels', '16', '--channel-mult', '1,2', '--blocks', '2'], batch=128, lr=5e-3, decay=250,
                  duration=416, snapshot=32, guide=64, guidance=[1.25, 1.5, 2.0, 2.5, 3.0], steps=16, classifier_epochs=None,
-                 config={}),
+                 seeds=[1, 2, 3], matched_every=32, config={}),
     'quick': dict(net=['--channels', '16', '--channel-mult', '1,2', '--blocks', '1'], batch=64, lr=1e-2, decay=0,
-                  duration=8, snapshot=8, guide=None, guidance=[], steps=8, classifier_epochs=4,
+                  duration=8, snapshot=8, guide=None, guidance=[], steps=8, classifier_epochs=4, seeds=[1], matched_every=8,
                   config={'rounds': '1', 'run.duration': '"2Ki"', 'run.eval_every': '"2Ki"',
                           'sweep.alpha': '[0.5]', 'sweep.beta': '[0.05]', 'train.lr': '1e-3', 'train.checkpoint': '"2Ki"',
                           'evaluate.steps': '8', 'reference_samples.count': '500', 'reference_samples.steps': '16'}),
@@ -177,26 +187,6 @@ class Evaluator:
     def evaluate(self, path, seeds, guide=None, guidance=1.0) -> dict:
         return self.score(self.images(path, seeds, guide, guidance), np.asarray(seeds) % digits.CLASSES)
 
-    def memorisation(self, path, seeds) -> dict:
-        """Pixel distances to the nearest training image: of samples, and of held-out real images (the yardstick)."""
-        import scipy.spatial
-        tree = scipy.spatial.cKDTree(self.train_pixels)
-        samples = self.images(path, seeds)[:, 0].flatten(1).float().numpy()
-        heldout = digits.read_dataset(os.path.join(self.data, 'heldout.zip'))[0][:, 0].flatten(1).float().numpy()
-        d_samples, d_heldout = tree.query(samples)[0], tree.query(heldout)[0]
-        return dict(median_sample=float(np.median(d_samples)), median_heldout=float(np.median(d_heldout)),
-                    closer_than_any_heldout=float(np.mean(d_samples < d_heldout.min())))
-
-
-def real_noise(ev) -> dict:
-    """FID of two disjoint halves of the training features, and of the held-out images, against the training split."""
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(ev.real))
-    a, b = ev.real[order[:len(order) // 2]], ev.real[order[len(order) // 2:len(order) // 2 * 2]]
-    heldout, labels = digits.read_dataset(os.path.join(ev.data, 'heldout.zip'))
-    return dict(fid_real_halves=frechet_distance(*feature_statistics(a), *feature_statistics(b)), half_size=len(a),
-                heldout=ev.score(heldout, labels))
-
 
 def rounds(out, size, pretrained, select, values=None, name='rounds'):
     """`ddo-patch rounds run` on configs/digits-edm2.toml with this run's seeds and sizes (and the config edits
@@ -235,6 +225,27 @@ def seed_list(first, count):
     return list(range(first, first + count))
 
 
+def replicate_values(seed) -> dict:
+    """The config edits of one replicate: its training seed (data order, noise, the control's too) and its own
+    reference-sample seeds (round r of replicate s samples 1,000,000 + 100,000 s + 1000 (r - 1) onwards)."""
+    return {'train.seed': str(seed), 'reference_samples.first_seed': str(1_000_000 + 100_000 * seed)}
+
+
+def ddo_cost(manifest) -> float:
+    """MLE-image equivalents the DDO rounds spent (every sweep point, evaluation and reference sample), not the control."""
+    return sum(r['cost']['mle_equivalents'] - r['cost'].get('control_mle_equivalents', 0.0) for r in manifest['rounds'])
+
+
+def control_models(out, manifest, pretrained, name):
+    """[(round, path)]: each round's control choice in OUT/NAME (a chain: round r starts from round r - 1's)."""
+    chain, previous = [], pretrained
+    for record in manifest['rounds']:
+        chosen = record['control']['chosen']
+        previous = previous if chosen['run'] == 'start' else os.path.join(out, name, chosen['snapshot'])
+        chain.append((record['round'], previous))
+    return chain
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--outdir', required=True, help='Work directory; rerun the same command to resume.')
@@ -243,6 +254,7 @@ def main():
     parser.add_argument('--noise-sets', type=int, default=2, help='Disjoint report-size seed sets of the MLE model, the report seeds one of them (FID spread).')
     parser.add_argument('--size', choices=sorted(SIZES), default='full', help='full: the documented run; quick: the test suite\'s.')
     parser.add_argument('--pretrain-kimg', type=int, default=None, help='Pretraining length in Ki images (a multiple of 32).  [default: the size\'s]')
+    parser.add_argument('--jobs', type=int, default=2, help='Replicates whose rounds run at once (one core each).')
     args = parser.parse_args()
     out, size = os.path.abspath(args.outdir), dict(SIZES[args.size])
     size['duration'] = args.pretrain_kimg or size['duration']
@@ -250,15 +262,14 @@ def main():
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     select, report = seed_list(0, args.select_seeds), seed_list(100_000, args.report_seeds)
-    select_text = f'0-{args.select_seeds - 1}'
 
-    log('1/6 data and classifier')
+    log('1/7 data and classifier')
     if size['classifier_epochs']:
         digits.CLASSIFIER['epochs'] = size['classifier_epochs']
     classifier = digits.make_digits(os.path.join(out, 'data'))
     log(f'    classifier held-out accuracy {classifier["heldout_accuracy"]:.3f}')
 
-    log(f'2/6 pretraining to {size["duration"]}Ki images (OUT/pretrain.log)')
+    log(f'2/7 pretraining to {size["duration"]}Ki images (OUT/pretrain.log)')
     pretrained = mle(out, size, os.path.join(out, 'pretrain'), size['duration'], 'pretrain.log')
     ev, cache = Evaluator(out, size['steps']), Cache(os.path.join(out, 'scores.json'))
     curve = []
@@ -267,100 +278,121 @@ def main():
         curve.append(dict(kimg=kimg, **score))
         log(f'    pretraining curve: {kimg}Ki images  FID {score["fid"]:.3f}')
 
-    log('3/6 DDO rounds (OUT/rounds.log)')   # before the controls: the continued-MLE length is what the rounds trained
-    manifest = rounds(out, size, pretrained, select_text)
-    trained = sum(max(run['images'] for run in record['runs']) for record in manifest['rounds']) // 1024
-    for record in manifest['rounds']:
-        log(f'    round {record["round"]}: chosen {record["chosen"]["run"]}, score {record["chosen"]["score"]:.3f}')
+    # Before the continued-MLE rows: their lengths are what the rounds trained and spent.
+    log(f'3/7 DDO rounds with the matched control, training seeds {size["seeds"]} (OUT/rounds-s<seed>.log)')
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        runs = {seed: pool.submit(rounds, out, size, pretrained, f'0-{args.select_seeds - 1}', replicate_values(seed), f'rounds-s{seed}')
+                for seed in size['seeds']}
+        manifests = {seed: run.result() for seed, run in runs.items()}
+    for seed, manifest in manifests.items():
+        for record in manifest['rounds']:
+            log(f'    seed {seed} round {record["round"]}: DDO chose {record["chosen"]["run"]} ({record["chosen"]["score"]:.3f}), '
+                f'control {record["control"]["chosen"]["run"]} ({record["control"]["chosen"]["score"]:.3f})')
+    first = manifests[size['seeds'][0]]
+    trained = sum(max(run['images'] for run in record['runs']) for record in first['rounds']) // 1024
+    spent = float(np.mean([ddo_cost(m) for m in manifests.values()]))
+    matched = size['matched_every'] * math.ceil(spent / 1024 / size['matched_every'])
 
-    log(f'4/6 continued MLE: {trained}Ki more images (OUT/continued.log)')
+    log(f'4/7 continued MLE: {trained}Ki more images (as DDO trained), then to {matched}Ki more (as DDO spent: '
+        f'{spent:.4g} MLE-image equivalents), OUT/continued.log')
     continued_dir = os.path.join(out, 'continued')
     if not os.path.isdir(continued_dir):
         shutil.copytree(os.path.join(out, 'pretrain'), continued_dir + '.partial')
         os.rename(continued_dir + '.partial', continued_dir)
     continued = mle(out, size, continued_dir, size['duration'] + trained, 'continued.log', math.gcd(size['duration'], trained))
+    mle(out, size, continued_dir, size['duration'] + matched, 'continued.log', size['matched_every'])
+    candidates = [snapshot(continued_dir, kimg) for kimg in range(size['duration'] + size['matched_every'],
+                                                                  size['duration'] + matched + 1, size['matched_every'])]
+    selection = {path: cache.get(f'{os.path.relpath(path, out)} 1 select {len(select)}', lambda p=path: ev.evaluate(p, select))['fid']
+                 for path in candidates}
+    compute_matched = min(candidates, key=lambda path: (selection[path], path))
+    log('    compute-matched candidates (selection FID): ' + ', '.join(f'{os.path.basename(p)[17:24]} {v:.3f}' for p, v in selection.items()))
 
-    models = {'MLE (round 0)': dict(path=pretrained)}
-    models['continued MLE'] = dict(path=continued)
+    models = {'MLE (round 0)': dict(path=pretrained), f'continued MLE (+{trained}Ki images)': dict(path=continued),
+              f'continued MLE, compute-matched (+{matched}Ki, best by selection)': dict(path=compute_matched)}
     if size['guide']:
-        log(f'5/6 autoguidance by the {size["guide"]}Ki snapshot, weights {size["guidance"]}')
+        log(f'5/7 autoguidance by the {size["guide"]}Ki snapshot, weights {size["guidance"]}')
         guide = snapshot(os.path.join(out, 'pretrain'), size['guide'])
         sweep = {w: cache.get(f'guidance {w} select {len(select)}', lambda w=w: ev.evaluate(pretrained, select, guide, w))['fid'] for w in size['guidance']}
         best = min(sweep, key=sweep.get)
         log(f'    selection FID by weight: {sweep}; best {best}')
         models[f'autoguidance w={best:g} (2x NFE)'] = dict(path=pretrained, guide=guide, guidance=best)
-    for record, path, kept in chosen_models(out, manifest, pretrained):
-        models[f'DDO round {record["round"]} ({record["chosen"]["run"]})'] = dict(path=path, kept=kept)
+    baselines = list(models)
+    for seed, manifest in manifests.items():
+        for record, path, kept in chosen_models(out, manifest, pretrained, f'rounds-s{seed}'):
+            models[f'DDO round {record["round"]} (seed {seed})'] = dict(path=path, kept=kept, run=record['chosen']['run'])
+        for round_idx, path in control_models(out, manifest, pretrained, f'rounds-s{seed}'):
+            models[f'control round {round_idx} (seed {seed})'] = dict(path=path)
 
-    log(f'6/6 report on {len(report)} report seeds')
+    log(f'6/7 report: {len(models)} models on {len(report)} report seeds (samples cached in OUT/samples)')
+    heldout_images, heldout_labels = digits.read_dataset(os.path.join(out, 'data', 'heldout.zip'))
+    scorer = digits_report.Scorer(ev, heldout_images, heldout_labels)
+    samples = {name: report_samples(out, ev, model, report) for name, model in models.items()}
+    labels = np.asarray(report) % digits.CLASSES
     rows = []
     for name, model in models.items():
-        score = cache.get(f'{os.path.relpath(model["path"], out)} {model.get("guidance", 1)} report {len(report)}',
-                          lambda m=model: ev.evaluate(m['path'], report, m.get('guide'), m.get('guidance', 1.0)))
+        score = cache.get(f'report {sample_key(out, model)} {len(report)}', lambda n=name: scorer.score(samples[n], labels))
         rows.append(dict(model=name, **score, kept=model.get('kept', False)))
-        log(f'    {name}: FID {score["fid"]:.3f} precision {score["precision"]:.3f} recall {score["recall"]:.3f} '
-            f'class consistency {score["class_consistency"]:.3f}')
+        log(f'    {name}: FID {score["fid"]:.3f} (held-out {score["heldout"]["fid"]["mean"]:.2f}) precision {score["precision"]:.3f} '
+            f'recall {score["recall"]:.3f} class consistency {score["class_consistency"]:.3f}')
+
+    log('7/7 DDO against the matched control (paired), and the metric\'s noise')
+    features = {name: ev.detector(torch_tensor(images)).numpy() for name, images in samples.items()}
+    comparison = []
+    for round_idx in range(1, len(first['rounds']) + 1):
+        paired = [cache.get(f'paired {sample_key(out, models[f"DDO round {round_idx} (seed {seed})"])} '
+                            f'{sample_key(out, models[f"control round {round_idx} (seed {seed})"])} {len(report)}',
+                            lambda s=seed: scorer.paired(features[f'DDO round {round_idx} (seed {s})'],
+                                                         features[f'control round {round_idx} (seed {s})'], seed=round_idx))
+                  for seed in size['seeds']]
+        comparison.append(dict(round=round_idx, fid=digits_report.across_seeds(paired, 'fid'),
+                               heldout_fid=digits_report.across_seeds(paired, 'heldout_fid')))
+        log(f'    round {round_idx}: FID DDO - control {comparison[-1]["fid"]["mean"]:+.3f} +- {comparison[-1]["fid"]["se"]:.3f} '
+            f'(held-out {comparison[-1]["heldout_fid"]["mean"]:+.3f} +- {comparison[-1]["heldout_fid"]["se"]:.3f})')
     spread = [rows[0]['fid']] + [cache.get(f'noise {i} {len(report)}', lambda i=i: ev.evaluate(
         pretrained, seed_list(200_000 + i * len(report), len(report)))['fid']) for i in range(1, args.noise_sets)]
-    noise = dict(real_noise(ev), mle_fid_over_seed_sets=spread, mle_fid_std=float(np.std(spread, ddof=1)) if len(spread) > 1 else None)
-    memorisation = cache.get('memorisation', lambda: ev.memorisation(pretrained, report[:1000]))
-    result = dict(classifier=classifier, pretraining_curve=curve, models=rows, noise=noise, memorisation=memorisation,
+    noise = dict(real_noise(ev), mle_fid_over_seed_sets=spread, mle_fid_std=float(np.std(spread, ddof=1)) if len(spread) > 1 else None,
+                 real_floor=scorer.floor())
+    result = dict(classifier=classifier, pretraining_curve=curve, models=rows, noise=noise, comparison=comparison,
+                  seeds=size['seeds'], rounds=len(first['rounds']), baselines=baselines, trained_kimg=trained,
+                  ddo_cost_mle_equivalents=spent, compute_matched_kimg=matched, compute_matched_selection={
+                      os.path.relpath(p, out): v for p, v in selection.items()},
                   select_samples=len(select), report_samples=len(report), size=args.size,
                   wall_seconds_this_invocation=time.time() - t0)   # a resumed run counts only what it did
     write_atomic(os.path.join(out, 'digits.json'), lambda f: f.write(json.dumps(result, indent=2).encode()))
-    write_report(out, result, ev, models, report)
+    digits_report.write_markdown(out, result)
+    last, seed = len(first['rounds']), size['seeds'][0]
+    grids = {f'{name}, report seeds {report[0]}-{report[39]}': samples[name][:40] for name in
+             ('MLE (round 0)', f'DDO round {last} (seed {seed})', f'control round {last} (seed {seed})')}
+    digits_report.plot(os.path.join(out, 'digits.png'), result, grids)
     log(f'done in {time.time() - t0:.0f} s: {out}/digits.md, digits.json, digits.png')
 
 
-def write_report(out, result, ev, models, report):
-    mle_row = result['models'][0]
-    lines = [f'| model | FID ({result["report_samples"]} samples) | vs MLE | precision | recall | class consistency |',
-             '|---|---|---|---|---|---|']
-    for row in result['models']:
-        lines.append(f'| {row["model"]}{" (kept its reference)" if row["kept"] else ""} | {row["fid"]:.3f} | '
-                     f'{100 * (row["fid"] / mle_row["fid"] - 1):+.0f}% | {row["precision"]:.3f} | {row["recall"]:.3f} | '
-                     f'{row["class_consistency"]:.3f} |')
-    noise = result['noise']
-    lines += ['', f'Noise: FID of two disjoint real halves ({noise["half_size"]} each) {noise["fid_real_halves"]:.3f}; '
-              f'MLE FID over {len(noise["mle_fid_over_seed_sets"])} disjoint seed sets '
-              f'{", ".join(f"{v:.3f}" for v in noise["mle_fid_over_seed_sets"])}'
-              + (f' (std {noise["mle_fid_std"]:.3f})' if noise['mle_fid_std'] is not None else '') +
-              f'; held-out real images FID {noise["heldout"]["fid"]:.3f} (300 images).',
-              f'Pretraining curve (FID, {result["select_samples"]} selection samples): ' +
-              ', '.join(f'{p["kimg"]}Ki {p["fid"]:.3f}' for p in result['pretraining_curve']) + '.']
-    with open(os.path.join(out, 'digits.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    plot(os.path.join(out, 'digits.png'), result, ev, models, report)
+def torch_tensor(array):
+    import torch
+    return torch.as_tensor(array)
 
 
-def plot(path, result, ev, models, report):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    names = list(models)
-    ddo = [n for n in names if n.startswith('DDO')]
-    best = min(ddo, key=lambda n: next(r['fid'] for r in result['models'] if r['model'] == n)) if ddo else names[-1]
-    seeds = report[:40]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), dpi=90, gridspec_kw=dict(width_ratios=[1.4, 1.4, 1, 1]))
-    for ax, name in zip(axes[:2], [names[0], best]):
-        images = np.pad(ev.images(models[name]['path'], seeds)[:, 0].numpy(), ((0, 0), (1, 1), (1, 1)), constant_values=128)
-        ax.imshow(images.reshape(4, 10, 10, 10).transpose(0, 2, 1, 3).reshape(40, 100), cmap='gray', interpolation='nearest')
-        ax.set_title(f'{name}, report seeds {seeds[0]}-{seeds[-1]}', fontsize=8)
-        ax.axis('off')
-    curve = result['pretraining_curve']
-    axes[2].plot([p['kimg'] for p in curve], [p['fid'] for p in curve], 'o-')
-    axes[2].set(xlabel='pretraining Ki images', ylabel=f'FID ({result["select_samples"]} selection samples)')
-    axes[2].set_title('MLE pretraining', fontsize=8)
-    rows = {row['model']: row for row in result['models']}
-    chain = [names[0]] + ddo
-    axes[3].plot(range(len(chain)), [rows[n]['fid'] for n in chain], 'o-', color='C3', label='DDO (chosen per round)')
-    for i, name in enumerate(n for n in names[1:] if n not in ddo):
-        axes[3].axhline(rows[name]['fid'], color=f'C{i}', ls='--', lw=1, label=name)
-    axes[3].set(xlabel='round (0 = MLE)', ylabel=f'FID ({result["report_samples"]} report samples)', xticks=range(len(chain)))
-    axes[3].legend(fontsize=6)
-    axes[3].set_title('metric per round', fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+def sample_key(out, model) -> str:
+    return f'{os.path.relpath(model["path"], out)} {model.get("guidance", 1)}'
+
+
+def report_samples(out, ev, model, seeds) -> np.ndarray:
+    """A model's images on the report seeds (uint8 [N, 3, 8, 8]), sampled once and kept in OUT/samples."""
+    path = os.path.join(out, 'samples', sample_key(out, model).replace('/', '_').replace(' ', '_') + f'_{len(seeds)}.npy')
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        images = ev.images(model['path'], seeds, model.get('guide'), model.get('guidance', 1.0)).numpy()
+        write_atomic(path, lambda f: np.save(f, images))
+    return np.load(path)
+
+
+def real_noise(ev) -> dict:
+    """FID of two disjoint halves of the training features."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(ev.real))
+    a, b = ev.real[order[:len(order) // 2]], ev.real[order[len(order) // 2:len(order) // 2 * 2]]
+    return dict(fid_real_halves=frechet_distance(*feature_statistics(a), *feature_statistics(b)), half_size=len(a))
 
 
 if __name__ == '__main__':

@@ -29,7 +29,9 @@ import digits as bench  # noqa: E402  (the sibling benchmark: its data, pretrain
 
 from ddo_patch.files import write_atomic  # noqa: E402
 
-GRID = {'sweep.alpha': '[0.5, 1, 2, 4]', 'sweep.beta': '[0.03, 0.1, 0.3]', 'run.eval_every': '"1Ki"', 'train.checkpoint': '"1Ki"'}
+# The policies compare what DDO's sweep spends: the config's matched control is left out.
+GRID = {'sweep.alpha': '[0.5, 1, 2, 4]', 'sweep.beta': '[0.03, 0.1, 0.3]', 'run.eval_every': '"1Ki"', 'train.checkpoint': '"1Ki"',
+        'control.objective': None, 'control.start': None}
 HALVING = {'sweep.policy': '"halving"', 'sweep.rungs': '["1Ki", "2Ki"]', 'sweep.keep': '0.25'}
 POLICIES = {'grid': GRID, 'halving': dict(GRID, **HALVING), 'halving+carry': dict(GRID, **HALVING, **{'sweep.carry': 'true'})}
 REPORT_FIRST = (100_000, 200_000)   # two disjoint report-size seed sets, as digits.py's report and noise sets

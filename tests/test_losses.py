@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.losses import (DiffusionDDOLoss, autoregressive_ddo_terms, ddo_objective, label_dropout_alpha,
+from ddo_patch.losses import (DiffusionDDOLoss, autoregressive_ddo_terms, ddo_objective, ddo_terms, label_dropout_alpha,
                               sequence_log_likelihood)
 from ddo_patch.toy import ToyDenoiser, edm_loss
 
@@ -127,6 +127,26 @@ def test_theorem_3_3_optimum_with_alpha_from_eq37(beta):
     p_opt = _optimise_exact(p_data, p_ref, alpha=alpha, beta=beta)
     assert 0.5 * (p_opt - target).abs().sum() < 1e-3
     assert 0.5 * (p_opt - p_data).abs().sum() > 0.05  # and it overshoots the data, as Theorem 3.3 says
+
+
+@pytest.mark.parametrize('alpha, beta', [(1.0, 1.0), (50.0, 0.02), (3.0, 0.25)])
+def test_at_the_reference_the_gradient_is_beta_half_the_mle_gradient(alpha, beta):
+    """Why a converged model gives DDO nothing to do to first order, and why the matched control matters: at theta =
+    theta_ref every delta is 0, so dL/dtheta = -(beta/2) E_data[grad log p_theta] + (alpha beta/2) E_ref[grad log p_theta];
+    when the reference samples come from p_ref itself (VAR's exact ancestral sampler at cfg 0, not a diffusion sampler
+    with its discretisation error) the second expectation is 0, and the gradient is beta/2 times the MLE gradient,
+    whatever alpha: a model at its MLE optimum is a stationary point of DDO (exact expectations, a 12-way softmax)."""
+    p_data, p_ref = _categoricals(seed=2)
+    logits = p_ref.log().clone().requires_grad_(True)
+    log_p = logits.log_softmax(0)
+    delta = log_p - p_ref.log()
+    terms = ddo_terms(delta, delta, alpha, beta)   # every x as a real and as a fake sample
+    ddo = (p_data * terms.loss_real).sum() + (p_ref * terms.loss_fake).sum()   # E_data[real term] + E_ref[fake term]
+    mle = -(p_data * log_p).sum()
+    ddo_grad, = torch.autograd.grad(ddo, logits, retain_graph=True)
+    mle_grad, = torch.autograd.grad(mle, logits)
+    assert mle_grad.abs().max() > 0.01
+    torch.testing.assert_close(ddo_grad, beta / 2 * mle_grad, atol=1e-12, rtol=1e-9)
 
 
 # --- DiffusionDDOLoss ------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def run_cost(backend, run) -> float:
 
 def round_cost(backend, record) -> dict:
     """What the round spent (its control included): images trained, samples generated, and all of it in MLE-image
-    equivalents."""
+    equivalents; with a control, also what the control's run cost alone (its training and evaluations)."""
     evaluations = [e for e in [record['reference_evaluation']] + list((record.get('report') or {}).values())
                    if e and e.get('source') == 'evaluated']
     runs = record['runs'] + ([record['control']] if record.get('control') else [])
@@ -65,4 +65,5 @@ def round_cost(backend, record) -> dict:
                 sum(backend.evaluation_samples(e['purpose']) for e in evaluations),
                 reference_samples=samples,
                 mle_equivalents=sum(run_cost(backend, run) for run in runs) + samples * backend.sample_cost('reference') +
-                sum(backend.evaluation_cost(e['purpose']) for e in evaluations))
+                sum(backend.evaluation_cost(e['purpose']) for e in evaluations),
+                **({'control_mle_equivalents': run_cost(backend, record['control'])} if record.get('control') else {}))
