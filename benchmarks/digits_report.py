@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from ddo_patch.metrics import across_seeds as metrics_across_seeds
 from ddo_patch.metrics import class_consistency, feature_statistics, frechet_distance, precision_recall
 
 CHUNK = 300            # as many samples as held-out images
@@ -91,14 +92,10 @@ def summary(values) -> dict:
 
 
 def across_seeds(differences, key) -> dict:
-    """Mean of per-seed paired differences, their spread over training seeds, and the standard error of the mean: the
-    larger of the spread's (training and sampling noise together, n seeds) and the pooled paired sampling error."""
-    values = np.array([d[key] for d in differences])
-    sampling = float(np.sqrt(np.mean([d[f'{key}_se'] ** 2 for d in differences]) / len(values)))
-    spread = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    se = max(spread / len(values) ** 0.5, sampling)
-    return dict(mean=float(values.mean()), per_seed=values.tolist(), spread=spread, sampling_se=sampling, se=se,
-                beats_by_3_se=bool(values.mean() + 3 * se < 0))
+    """`ddo_patch.metrics.across_seeds` of the per-seed paired differences `key` (DDO - control; lower is better), and
+    whether DDO is ahead by more than three standard errors."""
+    summary = metrics_across_seeds([d[key] for d in differences], [d[f'{key}_se'] for d in differences])
+    return dict(summary, beats_by_3_se=bool(summary['mean'] + 3 * summary['se'] < 0))
 
 
 def write_markdown(out, result) -> None:

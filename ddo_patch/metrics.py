@@ -1,5 +1,5 @@
 """Metric math shared by the adapters, the benchmarks and the demo: Frechet distance, coverage, precision and
-recall, class consistency."""
+recall, class consistency, and paired differences over training seeds."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def class_consistency(predicted, labels) -> float:
     if predicted.shape != labels.shape or predicted.size == 0:
         raise DDOPatchError(f'need one prediction per label, got {predicted.shape} predictions for {labels.shape} labels')
     return float(np.mean(predicted == labels))
+
+
+def across_seeds(differences, standard_errors) -> dict:
+    """A paired difference (model a - model b, one value per training seed, each with its sampling standard error)
+    summarised over the seeds: its mean, the per-seed values, their spread, and the standard error of the mean, the
+    larger of the spread's (training and sampling noise together, std / sqrt(n)) and the pooled sampling error
+    (sqrt(mean se^2 / n); the only estimate with one seed)."""
+    values = np.asarray(differences, dtype=np.float64)
+    errors = np.asarray(standard_errors, dtype=np.float64)
+    if values.ndim != 1 or values.shape != errors.shape or values.size == 0:
+        raise DDOPatchError(f'need one standard error per difference, got {values.shape} and {errors.shape}')
+    spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    sampling = float(np.sqrt(np.mean(errors ** 2) / values.size))
+    return dict(mean=float(values.mean()), per_seed=values.tolist(), spread=spread, sampling_se=sampling,
+                se=max(spread / values.size ** 0.5, sampling))

@@ -52,16 +52,46 @@ def test_a_metric_that_takes_tokens_gets_the_sampled_pyramids(var_root, tmp_path
     assert received['labels'].tolist() == (np.arange(7) % var.num_classes).tolist()
 
 
-def test_a_short_ddo_round_raises_the_precision_of_guidance_free_samples(var_root, tmp_path):
-    """(~70 s) `benchmarks/var_exact.py --size quick`: a 10-class world, a 200-step MLE student, one 16-iteration
-    round of `python -m var_ext.train`. The teacher log-likelihood of 2000 guidance-free samples rises by several
-    times its noise: the larger of the student's own difference over two disjoint seed sets and the standard error
-    of a difference of two independent means; both exact KL divergences between the sampler and p_data fall. (This
-    student is not converged, so continued MLE gains nearly as much here: the control is the full run's job.)"""
+def test_the_benchmark_route_trains_a_student_as_var_does_and_pairs_ddo_with_its_control(var_root, tmp_path):
+    """(~70 s) `benchmarks/var_exact.py --size quick`: a 10-class world; a 100-step MLE student with VAR's warm-up and
+    lin0 schedule, its adaLN gates open as the teacher's (upstream initialises them at 1e-5: attention off); one round
+    of DDO and of its matched control (`var_ext.train --objective mle`, VAR's 10% label dropout) through the round
+    manager, both from the student and selected alike; every model scored per sample on the report seeds and the report
+    half, DDO - control paired. (Whether DDO beats the control is the full run's question: an annealed student leaves
+    it little to do, see docs/var.md; the perturbed-teacher test below checks that it moves towards p_data.)"""
     import var_exact
     result = var_exact.main(['--outdir', str(tmp_path / 'run'), '--size', 'quick'])
-    mle = var_exact.row(result['rows'], 'MLE student', 0)['precision']
-    targets = result['targets']
-    noise = max(targets['precision_noise_cfg0'], 2 ** 0.5 * mle['se'])
-    assert targets['precision_gain_ddo_cfg0'] > 4 * noise, (targets, mle)
-    assert targets['ddo_cfg0_kls_below_mle_every_scale'], result['rows']
+    curve = result['mle_curve']
+    assert [p['step'] for p in curve] == [50, 100] and curve[1]['heldout']['mean'] < curve[0]['heldout']['mean']
+    assert all(abs(float(g.mean()) - 1) < 0.5 for g in gates(tmp_path / 'run' / 'mle' / 'student-000100.pth'))
+    record = result['rounds']['1'][0]
+    assert record['runs'][0]['name'] == 'a3_b1' and '--objective mle' in record['control']['commands'][0]
+    assert '--label-drop 0.1' in record['control']['commands'][0] and record['control']['start']['source'] == 'round 1 reference'
+    for name in ('round 1: DDO - control', 'round 1: DDO - MLE student', 'round 1: control - MLE student'):
+        for measure in ('precision', 'recall', 'kl_model_data', 'kl_data_model'):
+            value = result['comparisons'][name][measure]
+            assert np.isfinite(value['mean']) and 0 < value['se'] < 5, (name, measure, value)
+    # KL(p || q) and the recall NLL differ by the teacher's entropy on the same held-out pyramids: equal differences
+    assert result['comparisons']['round 1: DDO - control']['recall']['mean'] == pytest.approx(
+        result['comparisons']['round 1: DDO - control']['kl_data_model']['mean'], abs=1e-9)
+
+
+def gates(checkpoint):
+    """The adaLN gains gamma1, gamma2 of every block (the bias of their rows of ada_lin's output layer)."""
+    state = torch.load(checkpoint)
+    width = state['pos_start'].shape[-1]
+    return [state[key][:2 * width] for key in state if key.startswith('blocks.') and key.endswith('ada_lin.1.bias')]
+
+
+def test_ddo_takes_a_perturbed_teacher_back_towards_p_data(var_root, tmp_path):
+    """(~60 s) Is it the world or the implementation? `--size quick-perturbed`: the student is the teacher itself (its
+    architecture and weights), each weight tensor perturbed by 5% of its spread, so capacity is no limit and p_data is
+    DDO's optimum (Theorem 3.1). One 12-iteration round through `python -m var_ext.train` lowers both exact KL
+    divergences between the sampler and p_data by more than 4 paired standard errors (measured: 2.43 -> 1.39 and
+    2.33 -> 1.41 nats)."""
+    import var_exact
+    result = var_exact.main(['--outdir', str(tmp_path / 'run'), '--size', 'quick-perturbed'])
+    gain = result['comparisons']['round 1: DDO - perturbed teacher']
+    for kl in ('kl_model_data', 'kl_data_model'):
+        assert gain[kl]['mean'] + 4 * gain[kl]['se'] < 0, (kl, gain[kl])
+    assert gain['precision']['mean'] > 0
