@@ -12,8 +12,8 @@ Stages, each cached in --outdir (a rerun skips what is done):
   2. MLE        a depth-1 student (its adaLN gates open, as the teacher's) trained the way VAR trains: AdamW with
                 upstream's warm-up and `lin0` decay to 1% of the peak (`utils.lr_control`), VAR's 10% label dropout;
                 a checkpoint and a tuning-half NLL every --curve-every steps
-  3. rounds     per training seed (1, 2, 3: data order, reference samples, dropout masks) `ddo-patch rounds run` with
-                the VAR backend: DDO rounds through `python -m var_ext.train`, each round's best checkpoint (teacher NLL
+  3. rounds     per regime (hyperparameters) and training seed (1, 2, 3: data order, reference samples, dropout masks)
+                `ddo-patch rounds run` with the VAR backend: DDO rounds through `python -m var_ext.train`, each round's best checkpoint (teacher NLL
                 of guidance-free samples on the selection seeds) the next round's reference, and [control], the matched
                 control: the same runs with `--objective mle` (VAR's 10% label dropout), a chain from its own previous
                 choice, selected the same way; alongside, in a worker, continued MLE (the student's run at its final
@@ -49,25 +49,28 @@ from var_ext import exact, models
 from var_ext.trainer import parameter_groups
 
 WORLD = exact.World(train_size=100_000, heldout_size=8000)
-DDO = dict(alpha=1.5, beta=1.0, lr=1.5e-4, label_drop=0.5)   # chosen by var_exact_tune.py
+ROUND = dict(iterations=80, global_batch=512, label_drop=0.5, eval_every=8)
+# The two regimes var_exact_tune.py chose on the tuning seeds and half: today's (the DDO candidate of largest precision
+# gain), the paper's (large alpha, small beta, lr 1/600 of the pretraining peak: its candidate of smallest KL(q || p)).
+# Each has its own matched control, at its own learning rate.
+REGIMES = {'today': dict(ROUND, alpha=1, beta=1, lr=1.5e-4), 'paper': dict(ROUND, alpha=50, beta=0.02, lr=5e-6)}
 # Sizes: `full` is the documented run; `quick` is the suite's reduced run (tests/test_var_exact.py).
 SIZES = {
     'full': dict(world=WORLD, mle_steps=4000, curve_every=500, batch=256, lr=3e-3, report=2000, select=2000,
-                 cfgs=[0, 0.5, 1, 1.5], rounds=2, seeds=[1, 2, 3], ddo=dict(DDO, iterations=80, global_batch=512, eval_every=8),
-                 control=dict(label_drop=0.1)),
+                 cfgs=[0, 0.5, 1, 1.5], rounds=2, seeds=[1, 2, 3], regimes=REGIMES, control=dict(label_drop=0.1)),
     'quick': dict(world=dataclasses.replace(WORLD, num_classes=10, train_size=2000, heldout_size=2000), mle_steps=100,
                   curve_every=50, batch=128, lr=3e-3, report=2000, select=200, cfgs=[0], rounds=1, seeds=[1],
-                  ddo=dict(iterations=16, global_batch=256, lr=5e-4, alpha=3, beta=1, label_drop=0.5, eval_every=4),
+                  regimes={'a3': dict(iterations=16, global_batch=256, lr=5e-4, alpha=3, beta=1, label_drop=0.5, eval_every=4)},
                   control=dict(label_drop=0.1)),
     # Is it the world or the implementation? A student of the teacher's own architecture, at the teacher's weights
     # perturbed: capacity is no limit, p_data is DDO's optimum (Theorem 3.1), and both KLs must fall towards 0.
-    'perturbed': dict(world=dataclasses.replace(WORLD, student_depth=WORLD.teacher_depth), perturbation=0.15, batch=256,
+    'perturbed': dict(world=dataclasses.replace(WORLD, student_depth=WORLD.teacher_depth), perturbation=0.05, batch=256,
                       report=2000, select=2000, cfgs=[0], rounds=3, seeds=[1], control=dict(label_drop=0.1),
-                      ddo=dict(iterations=48, global_batch=512, lr=1.5e-4, alpha=1, beta=1, label_drop=0.5, eval_every=8)),
+                      regimes={'a1': dict(iterations=32, global_batch=256, lr=5e-5, alpha=1, beta=1, label_drop=0.5, eval_every=8)}),
     'quick-perturbed': dict(world=dataclasses.replace(WORLD, student_depth=WORLD.teacher_depth, num_classes=10, train_size=2000,
-                                                      heldout_size=2000), perturbation=0.05, batch=128, report=500, select=200,
+                                                      heldout_size=2000), perturbation=0.05, batch=128, report=1000, select=200,
                             cfgs=[0], rounds=1, seeds=[1], control=None,
-                            ddo=dict(iterations=12, global_batch=128, lr=5e-5, alpha=1, beta=1, label_drop=0.5, eval_every=4)),
+                            regimes={'a1': dict(iterations=12, global_batch=256, lr=5e-5, alpha=1, beta=1, label_drop=0.5, eval_every=4)}),
 }
 SCHEDULE = dict(schedule='lin0', warmup=1 / 50, wp0=0.005, wpe=0.01, wd=0.05)   # upstream VAR's defaults (train.py, arg_util)
 REPORT_SEEDS, NOISE_SEEDS, TUNING_SEEDS = 10_000_000, 20_000_000, 30_000_000   # first of each model-sampling seed set
@@ -170,9 +173,10 @@ def toml_value(value):
     return json.dumps(value)   # numbers, strings and lists of them are spelled alike in TOML and JSON
 
 
-def rounds_config(path, world_dir, world, size, student, seed) -> str:
-    """The round manager's config of one training seed: DDO's one sweep point, the matched control, the exact metric."""
-    ddo, tables = size['ddo'], {}
+def rounds_config(path, world_dir, world, size, ddo, student, seed) -> str:
+    """The round manager's config of one regime and training seed: DDO's one sweep point, the matched control, the
+    exact metric."""
+    tables = {}
     tables['run'] = dict(duration=ddo['iterations'], eval_every=ddo['eval_every'])
     tables['sweep'] = dict(alpha=[ddo['alpha']], beta=[ddo['beta']])
     tables['train'] = dict(model_options(world), vae=os.path.join(world_dir, exact.VAE), dataset='var_ext.exact:training_set',
@@ -191,10 +195,10 @@ def rounds_config(path, world_dir, world, size, student, seed) -> str:
     return path
 
 
-def run_rounds(out, world_dir, world, size, student, seed) -> dict:
-    """`ddo-patch rounds run` of one training seed in OUT/rounds-s<seed>; its manifest."""
-    name = f'rounds-s{seed}'
-    config = rounds_config(os.path.join(out, f'{name}.toml'), world_dir, world, size, student, seed)
+def run_rounds(out, world_dir, world, size, regime, student, seed) -> dict:
+    """`ddo-patch rounds run` of one regime and training seed in OUT/rounds-<regime>-s<seed>; its manifest."""
+    name = f'rounds-{regime}-s{seed}'
+    config = rounds_config(os.path.join(out, f'{name}.toml'), world_dir, world, size, size['regimes'][regime], student, seed)
     with open(os.path.join(out, f'{name}.log'), 'a') as f:
         proc = subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir', os.path.join(out, name)],
                               cwd=out, stdout=f, stderr=subprocess.STDOUT, check=False)
@@ -204,17 +208,21 @@ def run_rounds(out, world_dir, world, size, student, seed) -> dict:
         return json.load(f)
 
 
-def chains(out, manifest, student, seed) -> dict:
-    """{'DDO round r (seed s)': checkpoint, 'control round r (seed s)': checkpoint}: each round's choice (a round that
-    kept its start names the start)."""
-    workdir, paths, ddo, control = os.path.join(out, f'rounds-s{seed}'), {}, student, student
+def label(arm, regime, round_idx, seed) -> str:
+    return f'{arm} {regime} round {round_idx} (seed {seed})'
+
+
+def chains(out, manifest, student, regime, seed) -> dict:
+    """{'DDO REGIME round r (seed s)': checkpoint, 'control REGIME round r (seed s)': checkpoint}: each round's choice (a
+    round that kept its start names the start)."""
+    workdir, paths, ddo, control = os.path.join(out, f'rounds-{regime}-s{seed}'), {}, student, student
     for record in manifest['rounds']:
         ddo = ddo if record['chosen']['run'] == 'reference' else os.path.join(workdir, record['chosen']['snapshot'])
-        paths[f'DDO round {record["round"]} (seed {seed})'] = ddo
+        paths[label('DDO', regime, record['round'], seed)] = ddo
         if record.get('control'):
             chosen = record['control']['chosen']
             control = control if chosen['run'] == 'start' else os.path.join(workdir, chosen['snapshot'])
-            paths[f'control round {record["round"]} (seed {seed})'] = control
+            paths[label('control', regime, record['round'], seed)] = control
     return paths
 
 
@@ -326,8 +334,7 @@ def run(size_name, size, out, world, world_dir, cache, pool, jobs) -> dict:
     report_half = heldout_half(world_dir, 'report')
 
     # The continued-MLE control's length is known before the rounds run: it trains alongside them in a worker.
-    ddo = size['ddo']
-    trained = size['rounds'] * ddo['iterations'] * ddo['global_batch']
+    trained = size['rounds'] * max(ddo['iterations'] * ddo['global_batch'] for ddo in size['regimes'].values())
     extra = -(-trained // size['batch'])
     continued = None
     if 'mle_steps' in size:   # a perturbed teacher has no pretraining run to continue
@@ -336,24 +343,29 @@ def run(size_name, size, out, world, world_dir, cache, pool, jobs) -> dict:
             shutil.copytree(os.path.join(out, 'mle'), continued_dir + '.partial')
             os.rename(continued_dir + '.partial', continued_dir)
         continued = pool.submit(mle, world_dir, continued_dir, world, size, size['mle_steps'] + extra, extra)
-    log(f'3/4 {size["rounds"]} DDO rounds (alpha {ddo["alpha"]:g}, beta {ddo["beta"]:g}, lr {ddo["lr"]:g}, {ddo["iterations"]} '
-        f'iterations of {ddo["global_batch"]}) ' + ('and the matched control ' if size['control'] else '') +
-        f'for training seeds {size["seeds"]} (OUT/rounds-s<seed>.log)' + (f'; alongside, continued MLE for {extra} steps' if continued else ''))
+    for regime, ddo in size['regimes'].items():
+        log(f'3/4 {regime}: {size["rounds"]} DDO rounds (alpha {ddo["alpha"]:g}, beta {ddo["beta"]:g}, lr {ddo["lr"]:g}, '
+            f'{ddo["iterations"]} iterations of {ddo["global_batch"]})' + (' and the matched control' if size['control'] else '') +
+            f', training seeds {size["seeds"]} (OUT/rounds-{regime}-s<seed>.log)')
+    if continued:
+        log(f'    alongside, continued MLE for {extra} steps')
+    runs = [(regime, seed) for regime in size['regimes'] for seed in size['seeds']]
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as threads:
-        manifests = dict(zip(size['seeds'], threads.map(lambda seed: run_rounds(out, world_dir, world, size, student, seed), size['seeds'])))
+        manifests = dict(zip(runs, threads.map(lambda run: run_rounds(out, world_dir, world, size, run[0], student, run[1]), runs)))
     start = 'MLE student' if 'mle_steps' in size else 'perturbed teacher'
     paths = {start: student, **({'continued MLE': continued.result()} if continued else {})}
-    for seed, manifest in manifests.items():
-        paths.update(chains(out, manifest, student, seed))
+    for (regime, seed), manifest in manifests.items():
+        paths.update(chains(out, manifest, student, regime, seed))
         for record in manifest['rounds']:
             control = record.get('control')
-            log(f'    seed {seed} round {record["round"]}: DDO chose {record["chosen"]["run"]} ({record["chosen"]["score"]:.3f}, '
+            log(f'    {regime} seed {seed} round {record["round"]}: DDO chose {record["chosen"]["run"]} ({record["chosen"]["score"]:.3f}, '
                 f'start {record["reference_score"]:.3f})' + (f', control {control["chosen"]["run"]} ({control["chosen"]["score"]:.3f})'
                                                            if control else ''))
 
     report = list(range(REPORT_SEEDS, REPORT_SEEDS + size['report']))
     last, first_seed = size['rounds'], size['seeds'][0]
-    guided = [start, f'DDO round {last} (seed {first_seed})'] + ([f'control round {last} (seed {first_seed})'] if size['control'] else [])
+    guided = [start] + [label(arm, regime, last, first_seed) for regime in size['regimes']
+                        for arm in ('DDO', 'control')[:2 if size['control'] else 1]]
     rows = [(name, cfg) for name in paths for cfg in (size['cfgs'] if name in guided else [0])]
     log(f'4/4 report: {len(report)} samples per model and scale, {len(rows)} rows, on the report half ({len(report_half[0])} pyramids)')
     key = lambda name, cfg: f'{os.path.relpath(paths[name], out)} cfg {cfg:g} report {len(report)}'   # noqa: E731
@@ -371,7 +383,7 @@ def run(size_name, size, out, world, world_dir, cache, pool, jobs) -> dict:
         log(f'    {r["model"]} cfg {r["cfg"]:g}: ' + ', '.join(f'{m} {r[m]["mean"]:.3f} +- {r[m]["se"]:.3f}' for m in MEASURES))
     comparisons = compare(out, start, size, lambda name: key(name, 0), noise_key)
     return dict(world=dataclasses.asdict(world), size=size_name, sizes={k: v for k, v in size.items() if k != 'world'},
-                schedule=SCHEDULE, mle_curve=curve, rounds={str(seed): m['rounds'] for seed, m in manifests.items()},
+                schedule=SCHEDULE, mle_curve=curve, rounds={f'{regime} {seed}': m['rounds'] for (regime, seed), m in manifests.items()},
                 continued_steps=extra, rows=table, comparisons=comparisons, report_samples=len(report),
                 report_half=len(report_half[0]))
 
@@ -383,12 +395,13 @@ def compare(out, start, size, key, noise_key) -> dict:
     result = {f'noise ({start}, second seed set - report seeds)': paired(load_samples(out, noise_key), student)}
     arms = [('DDO', 'control')] if size['control'] else []
     arms += [('DDO', None)] + ([('control', None)] if size['control'] else [])
-    for round_idx in range(1, size['rounds'] + 1):
-        for a, b in arms:
-            diffs = [paired(load_samples(out, key(f'{a} round {round_idx} (seed {s})')),
-                            load_samples(out, key(f'{b} round {round_idx} (seed {s})')) if b else student) for s in size['seeds']]
-            result[f'round {round_idx}: {a} - {b or start}'] = {
-                m: across_seeds([d[m]['mean'] for d in diffs], [d[m]['se'] for d in diffs]) for m in MEASURES}
+    for regime in size['regimes']:
+        for round_idx in range(1, size['rounds'] + 1):
+            for a, b in arms:
+                diffs = [paired(load_samples(out, key(label(a, regime, round_idx, s))),
+                                load_samples(out, key(label(b, regime, round_idx, s))) if b else student) for s in size['seeds']]
+                result[f'{regime} round {round_idx}: {a} - {b or start}'] = {
+                    m: across_seeds([d[m]['mean'] for d in diffs], [d[m]['se'] for d in diffs]) for m in MEASURES}
     return result
 
 

@@ -64,16 +64,16 @@ def test_the_benchmark_route_trains_a_student_as_var_does_and_pairs_ddo_with_its
     curve = result['mle_curve']
     assert [p['step'] for p in curve] == [50, 100] and curve[1]['heldout']['mean'] < curve[0]['heldout']['mean']
     assert all(abs(float(g.mean()) - 1) < 0.5 for g in gates(tmp_path / 'run' / 'mle' / 'student-000100.pth'))
-    record = result['rounds']['1'][0]
+    record = result['rounds']['a3 1'][0]
     assert record['runs'][0]['name'] == 'a3_b1' and '--objective mle' in record['control']['commands'][0]
     assert '--label-drop 0.1' in record['control']['commands'][0] and record['control']['start']['source'] == 'round 1 reference'
-    for name in ('round 1: DDO - control', 'round 1: DDO - MLE student', 'round 1: control - MLE student'):
+    for name in ('a3 round 1: DDO - control', 'a3 round 1: DDO - MLE student', 'a3 round 1: control - MLE student'):
         for measure in ('precision', 'recall', 'kl_model_data', 'kl_data_model'):
             value = result['comparisons'][name][measure]
             assert np.isfinite(value['mean']) and 0 < value['se'] < 5, (name, measure, value)
     # KL(p || q) and the recall NLL differ by the teacher's entropy on the same held-out pyramids: equal differences
-    assert result['comparisons']['round 1: DDO - control']['recall']['mean'] == pytest.approx(
-        result['comparisons']['round 1: DDO - control']['kl_data_model']['mean'], abs=1e-9)
+    assert result['comparisons']['a3 round 1: DDO - control']['recall']['mean'] == pytest.approx(
+        result['comparisons']['a3 round 1: DDO - control']['kl_data_model']['mean'], abs=1e-9)
 
 
 def gates(checkpoint):
@@ -91,7 +91,7 @@ def test_ddo_takes_a_perturbed_teacher_back_towards_p_data(var_root, tmp_path):
     2.33 -> 1.41 nats)."""
     import var_exact
     result = var_exact.main(['--outdir', str(tmp_path / 'run'), '--size', 'quick-perturbed'])
-    gain = result['comparisons']['round 1: DDO - perturbed teacher']
+    gain = result['comparisons']['a1 round 1: DDO - perturbed teacher']
     for kl in ('kl_model_data', 'kl_data_model'):
         assert gain[kl]['mean'] + 4 * gain[kl]['se'] < 0, (kl, gain[kl])
     assert gain['precision']['mean'] > 0
