@@ -133,35 +133,37 @@ def write_markdown(out, result) -> None:
 
 
 def plot(path, result, grids) -> None:
-    """Sample grids (MLE, DDO's and the control's last round at one seed), the pretraining curve, and FID per round
-    against the training split and the held-out images, every training seed a line."""
+    """Sample grids (MLE, DDO's and the control's last round at one seed); the pretraining curve; FID per round against
+    the training split and against the held-out images (chunk mean and its standard error), every training seed a line,
+    the other models as levels."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = {row['model']: row for row in result['models']}
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8), dpi=90, gridspec_kw=dict(width_ratios=[1.2, 1.2, 1.2, 1, 1]))
-    for ax, (name, images) in zip(axes[:3], grids.items()):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=80)
+    for ax, (name, images) in zip(axes[0], grids.items()):
         padded = np.pad(images[:, 0], ((0, 0), (1, 1), (1, 1)), constant_values=128)
         ax.imshow(padded.reshape(4, 10, 10, 10).transpose(0, 2, 1, 3).reshape(40, 100), cmap='gray', interpolation='nearest')
         ax.set_title(name, fontsize=8)
         ax.axis('off')
     curve = result['pretraining_curve']
-    axes[3].plot([p['kimg'] for p in curve], [p['fid'] for p in curve], 'o-', ms=3)
-    axes[3].set(xlabel='pretraining Ki images', ylabel=f'FID ({result["select_samples"]} selection samples)', yscale='log')
-    axes[3].set_title('MLE pretraining', fontsize=8)
-    ax = axes[4]
-    mle = rows[result['baselines'][0]]['fid']
-    for arm, color in (('DDO', 'C3'), ('control', 'C0')):
-        for i, seed in enumerate(result['seeds']):
-            fids = [mle] + [rows[f'{arm} round {r} (seed {seed})']['fid'] for r in range(1, result['rounds'] + 1)]
-            ax.plot(range(len(fids)), fids, 'o-', ms=3, color=color, alpha=0.8,
-                    label=f'{arm} (seeds {", ".join(map(str, result["seeds"]))})' if i == 0 else None)
-    for i, name in enumerate(result['baselines'][1:]):
-        ax.axhline(rows[name]['fid'], color=f'C{i + 4}', ls='--', lw=1, label=name)
-    ax.set(xlabel='round (0 = MLE)', ylabel=f'FID vs training ({result["report_samples"]} report samples)',
-           xticks=range(result['rounds'] + 1))
-    ax.legend(fontsize=6)
-    ax.set_title('DDO against its matched control, per round', fontsize=8)
+    axes[1, 0].plot([p['kimg'] for p in curve], [p['fid'] for p in curve], 'o-', ms=3)
+    axes[1, 0].set(xlabel='pretraining Ki images', ylabel=f'FID ({result["select_samples"]} selection samples)', yscale='log')
+    axes[1, 0].set_title('MLE pretraining (EDM2\'s 1/sqrt decay, power EMA)', fontsize=8)
+    mle = rows[result['baselines'][0]]
+    for ax, value, where in ((axes[1, 1], lambda r: (r['fid'], 0), 'training split'),
+                             (axes[1, 2], lambda r: (r['heldout']['fid']['mean'], r['heldout']['fid']['std'] / r['heldout']['fid']['n'] ** 0.5),
+                              f'held-out images ({CHUNK}-sample chunks, mean +- SE)')):
+        for arm, color in (('DDO', 'C3'), ('control', 'C0')):
+            for i, seed in enumerate(result['seeds']):
+                points = [value(mle)] + [value(rows[f'{arm} round {r} (seed {seed})']) for r in range(1, result['rounds'] + 1)]
+                ax.errorbar(range(len(points)), [p[0] for p in points], [p[1] for p in points], marker='o', ms=3, color=color,
+                            alpha=0.8, capsize=2, label=f'{arm} (seeds {", ".join(map(str, result["seeds"]))})' if i == 0 else None)
+        for i, name in enumerate(result['baselines'][1:]):
+            ax.axhline(value(rows[name])[0], color=f'C{i + 4}', ls='--', lw=1, label=name)
+        ax.set(xlabel='round (0 = MLE)', ylabel='FID', xticks=range(result['rounds'] + 1))
+        ax.set_title(f'FID vs the {where}', fontsize=8)
+        ax.legend(fontsize=6, loc='center right')
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

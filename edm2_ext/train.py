@@ -145,6 +145,11 @@ def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, 
     Round r of the paper's ImageNet-64 recipe on 8 GPUs:
       torchrun --standalone --nproc_per_node=8 -m edm2_ext.train --preset=ddo-img64-s --round=r \\
           --ref=ref.pkl --fake=fake.zip --data=img64.zip --ddo-alpha=4 --ddo-beta=0.05 --outdir=runs/r
+
+    \b
+    Its matched control, the same run with upstream's EDM2Loss (no reference samples):
+      torchrun --standalone --nproc_per_node=8 -m edm2_ext.train --preset=ddo-img64-s --round=r \\
+          --ref=ref.pkl --objective=mle --data=img64.zip --outdir=runs/r-control
     """
     hp = presets.resolve(preset, round_idx, **hyperparameters)
     train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=batch_gpu, workers=workers, slice_nimg=slice_nimg,

@@ -118,6 +118,13 @@ def test_paper_configs_encode_appendix_c(tmp_path, monkeypatch):
         assert var.rounds == 2 and var.duration == 80 and var.eval_every == 4 and var.betas == [0.02]
         assert var.train['depth'] == depth and var.train['lr'] == 4e-6 and var.train['global_batch'] == 1024
         assert min(var.alphas) >= 10 and max(var.alphas) <= 100
+        # the matched control at VAR's own label dropout, with DDO's learning rate, batch and schedule
+        assert var.control == dict(objective='mle', start='reference', options=dict(label_drop=0.1))
+        assert var.control_options(1)['lr'] == 4e-6 and var.control_options(1)['label_drop'] == 0.1
+    for cfg in (img64, img512):
+        control = cfg.make_backend().run_commands(1, 'r/control', 'ref.pkl', None, None, None, cfg.control_options(1),
+                                                  objective='mle')[0].args
+        assert '--objective' in control and '--fake' not in control and control[control.index('--round') + 1] == '1'
 
 
 def test_stop_rule_counts_consecutive_stalled_rounds(files):

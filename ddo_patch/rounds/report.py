@@ -160,7 +160,7 @@ def plot(m, path):
     costs = cost_rows(m)
     pretraining = m['config']['pretraining_images']
     scale, unit = (100 / pretraining, '% of pretraining images') if pretraining else (1e-6, 'million images')
-    right.plot([c['round'] for c in costs], [c['cumulative_images'] * scale for c in costs], 'o-', label='all sweep points')
+    right.plot([c['round'] for c in costs], [c['cumulative_images'] * scale for c in costs], 'o-', label='all runs (the control\'s included)')
     right.plot([c['round'] for c in costs], [sum(x['chosen_images'] for x in costs[:i + 1]) * scale for i in range(len(costs))],
                's--', label='chosen runs only')
     right.set(xlabel='round', ylabel=unit, title='cost so far (images seen)')
