@@ -62,6 +62,8 @@ def test_rounds_choose_from_the_trainers_evaluations_and_promote_the_best_checkp
         assert '--objective mle' in control['commands'][0] and '--label-drop 0.1' in control['commands'][0]
         assert '--ddo-alpha' not in control['commands'][0] and sorted(control['evaluations'][0]['scores']) == ['cfg=0', 'cfg=1.5']
         assert control['chosen']['run'] == 'start' or control['chosen']['snapshot'].startswith(f'{r["dir"]}/control/')
+        # round r trains with seed + 1000 (r - 1): a round from the same start draws other batches and samples
+        assert all(f'--seed {1000 * (r["round"] - 1)}' in run['commands'][0] for run in r['runs'] + [control])
     assert not second['reference']['path'].startswith('round01/control/')
 
 

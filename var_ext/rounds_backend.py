@@ -20,6 +20,9 @@ from ddo_patch.seeds import parse_seeds
 from var_ext import run_files
 
 
+ROUND_SEED_STRIDE = 1000
+
+
 class RoundsBackend(Backend):
     name = 'var'
     step_unit = 'iterations'
@@ -94,9 +97,13 @@ class RoundsBackend(Backend):
         cfg = self.cfg
         evaluate = {'eval_' + k: v for k, v in cfg.evaluate.items() if k in ('samples', 'batch')}
         loss = ['--ddo-alpha', str(alpha), '--ddo-beta', str(beta)] if objective == 'ddo' else ['--objective', objective]
-        args = ['--outdir', run_dir, '--ref', reference, *loss, '--iterations', str(cfg.duration),
-                '--eval-every', str(cfg.eval_every), '--metric', cfg.evaluate['metric'], '--no-initial-eval', *self._scale_options('--eval-cfg')] + (['--stop-at', str(stop_at)] if stop_at else [])
-        args += (['--data', cfg.data] if cfg.data else []) + option_args(evaluate) + option_args(options)
+        args = ['--outdir', run_dir, '--ref', reference, *loss, '--iterations', str(cfg.duration), '--eval-every', str(cfg.eval_every),
+                '--metric', cfg.evaluate['metric'], '--no-initial-eval', *self._scale_options('--eval-cfg')]
+        args += (['--stop-at', str(stop_at)] if stop_at else []) + (['--data', cfg.data] if cfg.data else [])
+        # Round r trains with seed + 1000 (r - 1): a round that starts where the previous one did (it kept its reference)
+        # draws other data batches, reference samples and masks, as EDM2's rounds draw other reference-sample seeds.
+        options = dict(options, seed=int(options.get('seed', 0)) + ROUND_SEED_STRIDE * (round_idx - 1))
+        args += option_args(evaluate) + option_args(options)
         return [Command('var_ext.train', args + self._root())]
 
     def train_images(self, options, steps) -> int:
