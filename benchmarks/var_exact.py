@@ -70,10 +70,11 @@ SIZES = {
     'perturbed': dict(world=dataclasses.replace(WORLD, student_depth=WORLD.teacher_depth), perturbation=0.05, batch=256,
                       report=2000, select=2000, cfgs=[0], rounds=3, seeds=[1], control=dict(label_drop=0.1),
                       regimes={'a1': dict(iterations=32, global_batch=256, lr=5e-5, alpha=1, beta=1, label_drop=0.1, eval_every=8)}),
+    # The suite's: 10 classes, a perturbation twice as large (more for one 12-iteration round to undo), DDO's 50%.
     'quick-perturbed': dict(world=dataclasses.replace(WORLD, student_depth=WORLD.teacher_depth, num_classes=10, train_size=2000,
-                                                      heldout_size=2000), perturbation=0.05, batch=128, report=1000, select=200,
+                                                      heldout_size=2000), perturbation=0.1, batch=128, report=1000, select=200,
                             cfgs=[0], rounds=1, seeds=[1], control=None,
-                            regimes={'a1': dict(iterations=12, global_batch=256, lr=5e-5, alpha=1, beta=1, label_drop=0.1, eval_every=4)}),
+                            regimes={'a1': dict(iterations=12, global_batch=256, lr=5e-5, alpha=1, beta=1, label_drop=0.5, eval_every=4)}),
 }
 SCHEDULE = dict(schedule='lin0', warmup=1 / 50, wp0=0.005, wpe=0.01, wd=0.05)   # upstream VAR's defaults (train.py, arg_util)
 REPORT_SEEDS, NOISE_SEEDS, TUNING_SEEDS = 10_000_000, 20_000_000, 30_000_000   # first of each model-sampling seed set
@@ -184,7 +185,7 @@ def rounds_config(path, world_dir, world, size, ddo, student, seed) -> str:
     tables['sweep'] = dict(alpha=[ddo['alpha']], beta=[ddo['beta']])
     tables['train'] = dict(model_options(world), vae=os.path.join(world_dir, exact.VAE), dataset='var_ext.exact:training_set',
                            workers=0, global_batch=ddo['global_batch'], lr=ddo['lr'], label_drop=ddo['label_drop'], amp='fp32',
-                           seed=seed)
+                           seed=seed, **{k: ddo[k] for k in ('warmup',) if k in ddo})
     if size['control']:
         tables['control'] = dict(objective='mle', start='control', **size['control'])
     tables['evaluate'] = dict(metric='var_ext.exact:teacher_nll', samples=size['select'], cfg=[0], select_cfg=0, batch=500)
