@@ -92,9 +92,10 @@ def on_slurm(**launcher):
     return {'kind = "local"': f'kind = "slurm"\npoll_seconds = 0.5\ntemplate = {json.dumps(TEMPLATE)}', **launcher}
 
 
-# The tiny config, one round, no report seeds; 2Ki images per point with a checkpoint at 1Ki, to requeue after.
+# The tiny config, one round, no report (or noise) seeds; 2Ki images per point with a checkpoint at 1Ki, to requeue after.
+# Its matched control stays: on SLURM it is submitted with the sweep points.
 ONE_ROUND = {'rounds = 2': 'rounds = 1', 'duration = "1Ki"': 'duration = "2Ki"', 'eval_every = "1Ki"': 'eval_every = "2Ki"',
-             'report_seeds = "32-63"': '', 'count = 64': 'count = 32'}
+             'report_seeds = "32-63"': '', 'noise_seeds = "64-95"': '', 'count = 64': 'count = 32'}
 
 
 def test_a_round_on_slurm_matches_the_local_one_and_a_requeued_point_resumes(world, cluster):
@@ -123,6 +124,9 @@ def test_a_round_on_slurm_matches_the_local_one_and_a_requeued_point_resumes(wor
     assert m['rounds'][0]['chosen']['run'] == expected['rounds'][0]['chosen']['run'] == 'a1_b0.05'
     runs = {r['name']: r for r in m['rounds'][0]['runs']}
     assert (runs['a1_b0.05']['interruptions'], runs['a4_b0.05']['interruptions']) == (1, 0)
+    control = m['rounds'][0]['control']
+    assert control['status'] == 'done' and control['commands'][0].startswith('srun --ntasks-per-node=1 ')
+    assert '-m edm2_ext.train' in control['commands'][0] and '--objective mle' in control['commands'][0]
     assert all(c.startswith('srun --ntasks-per-node=1 ') for c in runs['a1_b0.05']['commands'])
     # Requeued (the same job, its log appended to), not submitted again, and resumed at the checkpoint's 1 kimg.
     assert job_id(workdir, 'a1_b0.05') == point and log.read_text().count('submitted round01-a1_b0.05 ') == 1
@@ -136,7 +140,8 @@ def test_a_round_on_slurm_matches_the_local_one_and_a_requeued_point_resumes(wor
 
 def test_two_processes_per_job_under_srun_train_as_one_run(world, cluster):
     config = variant(world, 'slurm-2proc.toml', **{'rounds = 2': 'rounds = 1', 'alpha = [1, 4]': 'alpha = [1]',
-                                                   'report_seeds = "32-63"': '', 'count = 64': 'count = 32'},
+                                                   'report_seeds = "32-63"': '', 'noise_seeds = "64-95"': '',
+                                                   'objective = "mle"': '', 'count = 64': 'count = 32'},
                      **on_slurm(**{'nproc_per_node = 1': 'nproc_per_node = 2'}))
     workdir = world['root'] / 'slurm-2proc'
     run_manager(dict(world, env=dict(world['env'], SLURM_CONF=cluster['SLURM_CONF'])), config, workdir)
