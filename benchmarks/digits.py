@@ -178,8 +178,10 @@ class Evaluator:
                    for i in range(0, len(seeds), 250)]
         return StandardRGBEncoder().decode(torch.cat(batches))
 
-    def score(self, images, labels) -> dict:
-        features = self.detector(images).numpy()
+    def score(self, images, labels, features=None) -> dict:
+        """FID, precision and recall against the training split, and class consistency, of images [N, 3, H, W] (their
+        features when already computed)."""
+        features = self.detector(images).numpy() if features is None else features
         precision, recall = precision_recall(self.real, features)
         return dict(fid=frechet_distance(*feature_statistics(features), *self.real_stats), precision=precision,
                     recall=recall, class_consistency=class_consistency(self.detector.classify(images), labels))

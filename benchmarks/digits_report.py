@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from ddo_patch.metrics import across_seeds as metrics_across_seeds
-from ddo_patch.metrics import class_consistency, feature_statistics, frechet_distance, precision_recall
+from ddo_patch.metrics import feature_statistics, frechet_distance, precision_recall
 
 CHUNK = 300            # as many samples as held-out images
 MEMORISATION = 1000    # samples checked against the training images
@@ -58,13 +58,13 @@ class Scorer:
         return per_chunk
 
     def score(self, images, labels) -> dict:
-        """Every number of a model's report row from its samples (uint8 [N, 3, H, W]) and their labels."""
+        """Every number of a model's report row from its samples (uint8 [N, 3, H, W]) and their labels: the evaluator's
+        scores against the training split, then against the held-out images, then memorisation."""
         import torch
-        features = self.ev.detector(torch.as_tensor(images)).numpy()
-        precision, recall = precision_recall(self.ev.real, features)
+        images_t = torch.as_tensor(images)
+        features = self.ev.detector(images_t).numpy()
         distances = self.train_tree.query(images[:MEMORISATION, 0].reshape(min(len(images), MEMORISATION), -1).astype(np.float32))[0]
-        return dict(fid=fid(features, self.ev.real), precision=precision, recall=recall,
-                    class_consistency=class_consistency(self.ev.detector.classify(torch.as_tensor(images)), labels),
+        return dict(self.ev.score(images_t, labels, features),
                     heldout={k: summary(v) for k, v in self.against_heldout(features).items()},
                     memorisation=dict(median_sample=float(np.median(distances)),
                                       closer_than_any_heldout=float(np.mean(distances < self.heldout_distances.min()))))

@@ -165,16 +165,15 @@ def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2
     run_training(outdir, lambda device: setup_training_config(
         data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
         slice_nimg=slice_nimg, seed=seed, workers=workers, device=device, objective=objective), dry_run=dry_run,
-        edm2_root=edm2_root, estimate=expected_memory)
+        edm2_root=edm2_root, estimate=lambda c, world_size: expected_memory(c, world_size, objective))
 
 
-def expected_memory(c, world_size):
-    """`edm2_ext.memory`'s expected per-GPU peak for the options `c`, at upstream's per-GPU batch (--batch-gpu,
-    at most --batch / world size)."""
+def expected_memory(c, world_size, objective='ddo'):
+    """`edm2_ext.memory`'s expected per-GPU peak for the options `c` and the objective, at upstream's per-GPU batch
+    (--batch-gpu, at most --batch / world size)."""
     from edm2_ext.memory import step_memory
     from edm2_ext.network import load_snapshot
     per_gpu = c.batch_size // world_size
-    objective = 'mle' if c.loss_kwargs.class_name.endswith('MLELoss') else 'ddo'
     return step_memory(load_snapshot(c.network_kwargs.ref)['ema'], min(c.batch_gpu or per_gpu, per_gpu), ddp=world_size > 1,
                        P_mean=c.loss_kwargs.P_mean, P_std=c.loss_kwargs.P_std, objective=objective)
 
