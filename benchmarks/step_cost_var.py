@@ -31,8 +31,8 @@ def main(argv=None):
     cfg, vae, var = random_models(args, device)
     ref = models.frozen_copy(var)
     amp = AMP_MODES[args.amp] if device.type == 'cuda' else 0
-    opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=amp, var_root=args.var_root)
-    trainer = make_trainer(vae, var, ref, var, opt, alpha=50.0, beta=0.02, var_root=args.var_root)
+    opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=amp)
+    trainer = make_trainer(vae, var, ref, var, opt, alpha=50.0, beta=0.02)
     images = torch.rand(args.batch, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
     labels = torch.arange(args.batch, device=device) % cfg.num_classes
     quiet_logger = types.SimpleNamespace(log_iters=set(), update=lambda **kw: None)   # upstream's loggers, silenced

@@ -19,9 +19,10 @@ def add_size_options(parser, depth, batch, vae_ch=160, timed=True):
 def random_models(args, device):
     if args.threads:
         torch.set_num_threads(args.threads)
+    models.activate_upstream(args.var_root)
     torch.manual_seed(0)
     cfg = models.VARConfig(depth=args.depth, patch_nums=models.parse_patch_nums(args.patch_nums), vae_ch=args.vae_ch)
-    vae, var = models.build(cfg, device, var_root=args.var_root)
+    vae, var = models.build(cfg, device)
     for module in vae.modules():   # upstream leaves the VQVAE uninitialised; give it finite weights
         if module is not vae and hasattr(module, 'reset_parameters'):
             module.reset_parameters()

@@ -127,7 +127,8 @@ def mle(world_dir, run_dir, world, size, last, every):
         var.load_state_dict(state['var'])
         optimizer.load_state_dict(state['optimizer'])
         first = state['step']
-    lr_control, steps = models.import_upstream(None, 'utils.lr_control'), size['mle_steps']
+    from utils import lr_control
+    steps = size['mle_steps']
 
     def set_lr(step):
         lr_control.lr_wd_annealing(SCHEDULE['schedule'], optimizer, size['lr'], SCHEDULE['wd'], SCHEDULE['wd'],
@@ -283,8 +284,10 @@ def curve_point(world_dir, path, depth, heldout) -> dict:
                 train=mean_se(-exact.log_likelihoods(var, train_labels[:len(labels)], train_tokens[:len(labels)])))
 
 
-def one_thread():
+def init_worker():
+    """One thread per worker process (the pool has one per core), VAR's checkout activated as in main()."""
     torch.set_num_threads(1)
+    models.activate_upstream()
 
 
 def student_and_curve(out, world, world_dir, size, cache, pool) -> tuple:
@@ -317,14 +320,15 @@ def main(argv=None):
     parser.add_argument('--jobs', type=int, default=2, help='worker processes (one thread each) for the training seeds\' rounds '
                         'and the evaluations (default: %(default)s, one per core of the 2-core target)')
     args = parser.parse_args(argv)
+    models.activate_upstream()
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     out, size = os.path.abspath(args.outdir), SIZES[args.size]
     world, world_dir = size['world'], os.path.join(out, 'world')
     os.makedirs(out, exist_ok=True)
     cache, t0 = Cache(os.path.join(out, 'scores.json')), time.time()
-    pool = concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), multiprocessing.get_context('spawn'), initializer=one_thread)
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), multiprocessing.get_context('spawn'), initializer=init_worker)
     with pool:
-        pool.submit(one_thread)   # the workers start (import torch and VAR) while the world is built
+        pool.submit(init_worker)   # the workers start (import torch and VAR) while the world is built
         result = run(args.size, size, out, world, world_dir, cache, pool, args.jobs)
     result['wall_seconds_this_invocation'] = time.time() - t0
     write_atomic(os.path.join(out, 'var_exact.json'), lambda f: f.write(json.dumps(result, indent=2).encode()))

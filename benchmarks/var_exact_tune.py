@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import var_exact as bench  # noqa: E402  (the benchmark: its world, student and measures)
 
 from ddo_patch.files import write_atomic  # noqa: E402
-from var_ext import exact  # noqa: E402
+from var_ext import exact, models  # noqa: E402
 
 ITERATIONS, BATCH, EVAL_EVERY = 80, 512, 8
 
@@ -93,6 +93,7 @@ def main(argv=None):
     parser.add_argument('--only', help='comma-separated candidate names (default: the whole grid)')
     parser.add_argument('--jobs', type=int, default=2, help='candidates trained at once (one core each)')
     args = parser.parse_args(argv)
+    models.activate_upstream()
     torch.set_num_threads(1)
     out, size = os.path.abspath(args.outdir), bench.SIZES['full']
     world, world_dir = size['world'], os.path.join(out, 'world')
@@ -101,7 +102,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f'--only: unknown {", ".join(unknown)}; choose from {", ".join(GRID)}')
     t0, cache = time.time(), bench.Cache(os.path.join(out, 'scores.json'))
-    pool = concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), multiprocessing.get_context('spawn'), initializer=bench.one_thread)
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), multiprocessing.get_context('spawn'), initializer=bench.init_worker)
     with pool:
         student, _ = bench.student_and_curve(out, world, world_dir, size, cache, pool)
         bench.log(f'tuning {len(names)} candidates, {ITERATIONS} iterations of {BATCH} from the student, training seed 0')

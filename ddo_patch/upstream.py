@@ -99,9 +99,22 @@ def locate(name: str, root: Optional[str | os.PathLike] = None, check_commit: bo
     return candidate
 
 
+_active: dict = {}   # upstream name -> the checkout this process imports it from
+
+
 def activate(name: str, root: Optional[str | os.PathLike] = None) -> Path:
-    """Locate the checkout and make its top-level modules importable (idempotent)."""
+    """Locate the checkout and make its top-level modules importable, once per process.
+
+    Entry points call it with their --edm2-root/--var-root; a later call without a root gets the same checkout,
+    and one naming another checkout is refused, since upstream's modules are already imported from the first.
+    """
+    if root is None and name in _active:
+        return _active[name]
     path = locate(name, root)
+    active = _active.setdefault(name, path)
+    if active != path:
+        raise DDOPatchError(f'{name} is already imported from {active} in this process; {path} cannot replace it '
+                            f'(give one {get_upstream(name).option} per process)')
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     return path

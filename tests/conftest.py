@@ -24,7 +24,9 @@ def edm2_root():
 
 @pytest.fixture(scope='session')
 def var_root():
-    return _root_or_skip('var')
+    """The VAR checkout, activated in this process as var_ext's entry points do (upstream then imports plainly)."""
+    from var_ext.models import activate_upstream
+    return activate_upstream(_root_or_skip('var'))
 
 
 @pytest.fixture(scope='session')

@@ -60,6 +60,7 @@ def edm2(batches):
 def var(batches):
     from var_ext import memory, models
     from var_ext.trainer import build_optimizer
+    models.activate_upstream()
     cfg = models.VARConfig(depth=2, patch_nums=(1, 2, 3, 4, 6, 8), num_classes=10, vae_vocab=1024, vae_ch=32)
     counted = [memory.step_memory(cfg, batch, ddp=False).step for batch in batches]
     torch.manual_seed(0)

@@ -88,11 +88,11 @@ def test_edm2_dry_run_prints_the_expected_peak_and_writes_nothing(edm2_root, tmp
 def test_var_dry_run_prints_the_expected_peak_of_its_micro_batch(var_root, tmp_path, capsys):
     from var_ext import memory as var_memory
     from var_ext import train
-    vae, ckpt = tiny_checkpoints(str(var_root), str(tmp_path))
+    vae, ckpt = tiny_checkpoints(str(tmp_path))
     assert train.main(['--ref', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
                        '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--dataset', 'var_tiny:token_dataset',
                        '--workers', '0', '--global-batch', '8', '--batch-gpu', '4', '--outdir', str(tmp_path / 'run'),
                        '--dry-run']) == 0
-    expected = var_memory.step_memory(TINY, 4, ddp=False, var_root=str(var_root))   # token pyramids: nothing to tokenise
+    expected = var_memory.step_memory(TINY, 4, ddp=False)   # token pyramids: nothing to tokenise
     assert expected.describe() in capsys.readouterr().out
     assert not (tmp_path / 'run').exists()

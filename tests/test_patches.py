@@ -355,7 +355,7 @@ def patched_var_run(var_root, tmp_path):
     from var_tiny import tiny_checkpoints
     repo = fresh_copy(var_root, tmp_path / 'var', keep_git=False)
     patching.apply(repo)
-    vae, var = tiny_checkpoints(str(var_root), str(tmp_path))
+    vae, var = tiny_checkpoints(str(tmp_path))
     paths = [os.path.dirname(os.path.abspath(__file__))]
     if importlib.util.find_spec('torchvision') is None:
         for rel, text in TORCHVISION_STAND_IN.items():

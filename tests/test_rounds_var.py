@@ -22,7 +22,7 @@ ITERATIONS, EVAL_EVERY, BATCH = 4, 2, 8
 def var_run(var_root, tmp_path_factory):
     from var_tiny import tiny_checkpoints
     root = tmp_path_factory.mktemp('rounds-var')
-    vae, ckpt = tiny_checkpoints(str(var_root), str(root))
+    vae, ckpt = tiny_checkpoints(str(root))
     config = write_config(root / 'var.toml', dict(backend='var_ext.rounds_backend.RoundsBackend', rounds=2, pretrained=ckpt, pretraining_images=1024), dict(
         run=dict(duration=ITERATIONS, eval_every=EVAL_EVERY), sweep=dict(alpha=[10, 50], beta=[0.02]),
         train=dict(depth=2, vae=vae, patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,

@@ -1,6 +1,7 @@
 """The upstream locator and `ddo-patch fetch` on a throwaway git repository (no network)."""
 
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -77,3 +78,19 @@ def test_failed_fetch_leaves_nothing_behind(fake_edm2, tmp_path):
     result = CliRunner().invoke(main, ['fetch', 'edm2', '--from', str(tmp_path / 'no-such-repo')])
     assert result.exit_code == 2 and 'failed' in result.output
     assert list((tmp_path / 'cache').iterdir()) == []
+
+
+def test_activate_is_once_per_process(fake_edm2, monkeypatch, tmp_path):
+    src, _ = fake_edm2
+    monkeypatch.setattr(upstream, '_active', {})
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    other = tmp_path / 'other'
+    subprocess.run(['cp', '-r', str(src), str(other)], check=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', upstream.UpstreamCommitWarning)
+        assert upstream.activate('edm2', src) == src.resolve()
+        monkeypatch.setenv('EDM2_ROOT', str(other))
+        assert upstream.activate('edm2') == src.resolve()   # no root: the active checkout, not the environment's
+        with pytest.raises(DDOPatchError, match=f'edm2 is already imported from {src.resolve()}'):
+            upstream.activate('edm2', other)
+    assert sys.path.count(str(src.resolve())) == 1 and str(other.resolve()) not in sys.path

@@ -22,8 +22,8 @@ def amp_delta(monkeypatch):
     return var_amp_delta
 
 
-def tiny_pyramids(root, amp_delta, batch=4):
-    vae, ref = build_tiny(root)
+def tiny_pyramids(amp_delta, batch=4):
+    vae, ref = build_tiny()
     amp_delta.trained_scales(ref, logit_std=3.0)
     ref.eval().requires_grad_(False)
     labels = torch.arange(batch) % TINY.num_classes
@@ -33,7 +33,7 @@ def tiny_pyramids(root, amp_delta, batch=4):
 
 def test_identical_weights_give_exactly_zero_delta_under_autocast(var_root, amp_delta):
     """~2 s. The check of the benchmark, at tiny size; autocast really rounds (log p moves), delta does not."""
-    _, ref, labels, (inputs, targets) = tiny_pyramids(var_root, amp_delta)
+    _, ref, labels, (inputs, targets) = tiny_pyramids(amp_delta)
     assert amp_delta.identical_weights_give_zero(ref, labels, inputs, targets, amp_delta.PRECISIONS) == \
         {'fp32': 0.0, 'bf16': 0.0, 'fp16': 0.0}
     exact = amp_delta.log_likelihood(ref, labels, inputs, targets, 'fp32')
@@ -50,11 +50,11 @@ def test_the_trainers_step_at_the_reference_gives_zero_delta_under_autocast(var_
     """~2 s each. The trained VAR (train mode, with gradients) and the frozen reference (eval mode, no_grad) run
     in one autocast context as on CUDA: at theta = theta_ref every delta is exactly 0 and the loss is exactly
     log 2 * (1 + alpha * kept fraction)."""
-    vae, var = build_tiny(var_root)
+    vae, var = build_tiny()
     amp_delta.trained_scales(var, logit_std=3.0)
     ref = models.frozen_copy(var)
-    opt = build_optimizer(var, lr=1e-4, weight_decay=0.0, grad_clip=2.0, mixed_precision=0, var_root=var_root)
-    trainer = make_trainer(vae, var, ref, var, opt, alpha=10.0, beta=0.02, var_root=var_root)
+    opt = build_optimizer(var, lr=1e-4, weight_decay=0.0, grad_clip=2.0, mixed_precision=0)
+    trainer = make_trainer(vae, var, ref, var, opt, alpha=10.0, beta=0.02)
     trainer.base.var_opt.amp_ctx = torch.autocast('cpu', dtype=dtype)   # AmpOptimizer autocasts on CUDA only
     labels = torch.arange(4) % TINY.num_classes
     real = sampler.sample(ref, labels, cfg=0.0, seeds=list(range(100, 104))).tokens

@@ -15,11 +15,11 @@ from var_tiny import TINY, build_tiny, draw_real_tokens, one_cpu_thread  # noqa:
 pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 
-def tiny_trainer(root, alpha=10.0, beta=0.02, lr=1e-4, label_drop=0.5):
-    vae, var = build_tiny(root)
+def tiny_trainer(alpha=10.0, beta=0.02, lr=1e-4, label_drop=0.5):
+    vae, var = build_tiny()
     ref = models.frozen_copy(var)
-    opt = build_optimizer(var, lr=lr, weight_decay=0.0, grad_clip=2.0, mixed_precision=0, var_root=root)
-    return make_trainer(vae, var, ref, var, opt, alpha, beta, label_drop=label_drop, var_root=root)
+    opt = build_optimizer(var, lr=lr, weight_decay=0.0, grad_clip=2.0, mixed_precision=0)
+    return make_trainer(vae, var, ref, var, opt, alpha, beta, label_drop=label_drop)
 
 
 def real_batch(batch, seed):
@@ -28,7 +28,7 @@ def real_batch(batch, seed):
 
 
 def test_loss_at_the_reference_is_log2_times_one_plus_alpha_kept(var_root):
-    trainer = tiny_trainer(var_root, alpha=10.0)
+    trainer = tiny_trainer(alpha=10.0)
     labels, real = real_batch(16, seed=0)
     log = trainer.step(labels, real, iteration=0)
     assert 0 < log['DDO/kept_labels'] < 1     # both dropped and kept samples are present
@@ -38,7 +38,7 @@ def test_loss_at_the_reference_is_log2_times_one_plus_alpha_kept(var_root):
 
 
 def test_reference_never_changes_while_the_target_does(var_root):
-    trainer = tiny_trainer(var_root, lr=1e-3)
+    trainer = tiny_trainer(lr=1e-3)
     before = copy.deepcopy(trainer.ref_var.state_dict())
     target_before = copy.deepcopy(trainer.var_wo_ddp.state_dict())
     for it in range(3):
@@ -56,7 +56,7 @@ def _grads(trainer, labels, real, fake, dropped):
 
 
 def test_dropped_labels_get_no_fake_side_gradient(var_root):
-    trainer = tiny_trainer(var_root, lr=1e-2)
+    trainer = tiny_trainer(lr=1e-2)
     labels, real = real_batch(8, seed=1)
     trainer.step(labels, real, iteration=0)     # move theta away from theta_ref so that deltas are non-zero
     dropped = torch.tensor([True, False] * 4)
@@ -82,7 +82,7 @@ def _mean_delta(trainer, labels, tokens):
 
 def test_training_separates_real_from_reference_samples(var_root):
     torch.manual_seed(0)
-    trainer = tiny_trainer(var_root, alpha=2.0, beta=0.1, lr=3e-4)
+    trainer = tiny_trainer(alpha=2.0, beta=0.1, lr=3e-4)
     for it in range(200):
         trainer.step(*real_batch(16, seed=100 + it), iteration=it)
     labels, real = real_batch(40, seed=99_999)          # held-out real sequences

@@ -23,7 +23,7 @@ def test_guided_log_likelihood_is_the_distribution_the_sampler_draws(var_root, c
     """(1 s) Three tokens' vocabulary and patch_nums (1, 2): all 3^5 pyramids enumerated; their exact probabilities sum
     to 1, and 20k sampler draws (KV-cached, guided on 2B rows at cfg 2) match them in total variation."""
     cfg_tiny = models.VARConfig(depth=1, patch_nums=(1, 2), num_classes=2, vae_vocab=3, vae_z_channels=8, vae_ch=32)
-    _, var = build_tiny(str(var_root), cfg=cfg_tiny)
+    _, var = build_tiny(cfg=cfg_tiny)
     var.head.weight.data.normal_(0, 2.0)
     var.eval()
     grid = torch.cartesian_prod(*[torch.arange(3)] * 5)
@@ -39,7 +39,7 @@ def test_guided_log_likelihood_is_the_distribution_the_sampler_draws(var_root, c
 
 def test_a_metric_that_takes_tokens_gets_the_sampled_pyramids(var_root, tmp_path):
     """(1 s) `takes_tokens = True`: the metric receives int64 [N, L] pyramids, those of the seeds in order, not images."""
-    _, var = build_tiny(str(var_root))
+    _, var = build_tiny()
     received = {}
 
     def metric(samples, labels):

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 
 def run(var_root, tmp_path_factory, outdir, *extra, images=20):
-    vae, ckpt = tiny_checkpoints(str(var_root), str(tmp_path_factory.getbasetemp()))
+    vae, ckpt = tiny_checkpoints(str(tmp_path_factory.getbasetemp()))
     generate.main(['--net', ckpt, '--vae', vae, '--depth', '2', '--patch-nums', '1_2_3_4', '--num-classes', '10',
                  '--vae-vocab', '64', '--vae-ch', '32', '--vae-z', '8', '--per-class', '2', '--batch', '8',
                  '--outdir', str(outdir), *extra])

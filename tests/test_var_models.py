@@ -12,7 +12,7 @@ pytestmark = pytest.mark.upstream
 def test_build_restores_torch_initialisation_and_disables_dropout(var_root):
     classes = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
     before = {cls: cls.reset_parameters for cls in classes}
-    _, var = models.build(TINY, 'cpu', var_root=var_root)
+    _, var = models.build(TINY, 'cpu')
     assert {cls: cls.reset_parameters for cls in classes} == before
     assert 'reset_parameters' not in nn.Conv2d.__dict__    # upstream's override on the subclass is gone
     layer = nn.Linear(8, 8, bias=False)

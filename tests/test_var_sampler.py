@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 @pytest.fixture(scope='module')
 def tiny(var_root):
-    vae, var = build_tiny(var_root)
+    vae, var = build_tiny()
     return var.eval()
 
 
@@ -51,8 +51,7 @@ def test_guidance_free_runs_the_conditional_rows_only(tiny):
 
 
 def test_draws_follow_the_filtered_distribution_of_upstream(var_root):
-    from var_ext.models import import_upstream
-    sample_with_top_k_top_p_ = import_upstream(var_root, 'models.helpers').sample_with_top_k_top_p_
+    from models.helpers import sample_with_top_k_top_p_
     logits = torch.log(torch.tensor([[[0.02, 0.3, 0.05, 0.25, 0.2, 0.08, 0.06, 0.04]]])).expand(4000, 1, 8).contiguous()
     filtered = sampler.filter_top_k_top_p(logits, top_k=5, top_p=0.8)
     ours = sampler._draw(filtered, torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.upstream, pytest.mark.usefixtures('one_cpu_thread')]
 
 @pytest.fixture(scope='module')
 def files(var_root, tmp_path_factory):
-    return tiny_checkpoints(str(var_root), str(tmp_path_factory.mktemp('tiny')))
+    return tiny_checkpoints(str(tmp_path_factory.mktemp('tiny')))
 
 
 def argv(files, outdir, *extra):
@@ -40,7 +40,7 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
     assert all(m['score'] == m['cfg=0'] for m in metrics)   # --select-cfg 0 (the default): guidance-free selects
     # a fresh upstream VAR (upstream's own builder) takes both checkpoints with strict=True
-    upstream_models = models.import_upstream(var_root)
+    import models as upstream_models
     with models.upstream_initialisation_disabled():
         _, fresh = upstream_models.build_vae_var(device='cpu', patch_nums=TINY.patch_nums, V=64, Cvae=8, ch=32,
                                                  num_classes=10, depth=2, shared_aln=False, attn_l2_norm=True)
@@ -97,7 +97,7 @@ def test_mle_objective_is_the_same_run_with_upstreams_cross_entropy(files, tmp_p
     assert not any(key.startswith('DDO/') for r in log for key in r) and all(math.isfinite(r['Loss/loss']) for r in log)
     assert '(mle) lr' in capsys.readouterr().out
     tokens, labels = token_dataset_first_batch(datasets, seed=4)
-    vae, var = models.build(TINY, 'cpu', var_root=str(var_root))
+    vae, var = models.build(TINY, 'cpu')
     vae.load_state_dict(torch.load(files[0]))
     var.load_state_dict(torch.load(files[1]))
     with torch.no_grad():

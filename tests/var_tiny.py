@@ -19,10 +19,10 @@ def one_cpu_thread():
     torch.set_num_threads(saved)
 
 
-def build_tiny(root, seed=0, cfg=TINY):
+def build_tiny(seed=0, cfg=TINY):
     """A fresh, deterministically initialised (vqvae, var); upstream leaves the VQVAE uninitialised."""
     torch.manual_seed(seed)
-    vae, var = models.build(cfg, 'cpu', var_root=root)
+    vae, var = models.build(cfg, 'cpu')
     for module in vae.modules():
         if module is not vae and hasattr(module, 'reset_parameters'):
             module.reset_parameters()
@@ -32,9 +32,9 @@ def build_tiny(root, seed=0, cfg=TINY):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_checkpoints(root, directory):
+def tiny_checkpoints(directory):
     """Write the VQVAE and VAR state dicts of `build_tiny` once per session; return their paths."""
-    vae, var = build_tiny(root)
+    vae, var = build_tiny()
     vae_path, var_path = f'{directory}/vae_tiny.pth', f'{directory}/var_tiny.pth'
     torch.save(vae.state_dict(), vae_path)
     torch.save(var.state_dict(), var_path)

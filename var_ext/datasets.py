@@ -19,7 +19,6 @@ import os
 import torch
 
 from ddo_patch.errors import DDOPatchError
-from var_ext.models import import_upstream
 
 
 def resolve(spec: str, what: str):
@@ -33,7 +32,7 @@ def resolve(spec: str, what: str):
         raise DDOPatchError(f'cannot load {what} "{spec}": {err}') from None
 
 
-def build_dataset(data_path, dataset_spec, resolution: int, var_root=None):
+def build_dataset(data_path, dataset_spec, resolution: int):
     if dataset_spec:
         return resolve(dataset_spec, '--dataset')(resolution)
     if not data_path:
@@ -46,7 +45,8 @@ def build_dataset(data_path, dataset_spec, resolution: int, var_root=None):
         problem = 'torchvision is not installed' if missing else f'importing torchvision fails ({type(err).__name__}: {first_line})'
         raise DDOPatchError(f'--data uses upstream\'s torchvision ImageFolder pipeline, but {problem}; install the torchvision '
                             f'built for your torch {torch.__version__}, or pass --dataset module:function') from None
-    _, train_set, _ = import_upstream(var_root, 'utils.data').build_dataset(data_path, final_reso=resolution)
+    from utils import data as upstream_data
+    _, train_set, _ = upstream_data.build_dataset(data_path, final_reso=resolution)
     return train_set
 
 

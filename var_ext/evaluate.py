@@ -19,7 +19,7 @@ from ddo_patch.distributed import run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.seeds import parse_seeds
-from var_ext import datasets, run_files
+from var_ext import datasets, models, run_files
 from var_ext.evaluator import Evaluator
 from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
@@ -43,6 +43,7 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    models.activate_upstream(args.var_root)
     if args.batch < 1:
         raise DDOPatchError(f'--batch must be >= 1, got {args.batch}')
     scales = run_files.parse_scales(args.cfg)

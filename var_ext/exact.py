@@ -68,10 +68,10 @@ def switch_on_blocks(var) -> None:
         block.ada_lin[-1].weight[:2 * var.C].normal_(0, var.C ** -0.5)
 
 
-def build_teacher(world: World, var_root=None):
+def build_teacher(world: World):
     """(vqvae, teacher): upstream's VAR with its blocks switched on, a strong class embedding, a sharpened head."""
     torch.manual_seed(world.seed)
-    vae, teacher = models.build(world.config(world.teacher_depth), 'cpu', var_root=var_root)
+    vae, teacher = models.build(world.config(world.teacher_depth), 'cpu')
     for module in vae.modules():   # upstream leaves the VQVAE uninitialised; its codebook embeds the tokens
         if module is not vae and hasattr(module, 'reset_parameters'):
             module.reset_parameters()
@@ -116,7 +116,7 @@ def draw(var, labels: torch.Tensor, seeds, cfg: float = 0.0, batch: int = 500) -
                       for i in range(0, len(labels), batch)])
 
 
-def make_world(path: str, world: World, var_root=None) -> None:
+def make_world(path: str, world: World) -> None:
     """Write the world to `path` unless it is there: world.json, vae.pth and teacher.pth (plain state dicts),
     train.pt and heldout.pt ({'tokens': [N, L], 'labels': [N]}, class-balanced exact teacher samples)."""
     if os.path.isfile(os.path.join(path, WORLD)):
@@ -124,7 +124,7 @@ def make_world(path: str, world: World, var_root=None) -> None:
             raise DDOPatchError(f'{path} holds another world; use a new --outdir')
         return
     os.makedirs(path, exist_ok=True)
-    vae, teacher = build_teacher(world, var_root)
+    vae, teacher = build_teacher(world)
     for name, size, first in ((TRAIN, world.train_size, TRAIN_SEEDS), (HELDOUT, world.heldout_size, HELDOUT_SEEDS)):
         labels = torch.arange(size) % world.num_classes
         torch.save({'tokens': draw(teacher, labels, list(range(first, first + size))), 'labels': labels}, os.path.join(path, name))
@@ -142,11 +142,11 @@ def directory() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_world(path: str, var_root=None):
+def load_world(path: str):
     """(world, vqvae, teacher) of a world directory."""
     with open(os.path.join(path, WORLD)) as f:
         world = World(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
-    vae, teacher = models.build(world.config(world.teacher_depth), 'cpu', var_root=var_root)
+    vae, teacher = models.build(world.config(world.teacher_depth), 'cpu')
     vae.load_state_dict(torch.load(os.path.join(path, VAE), map_location='cpu'), strict=True)
     teacher.load_state_dict(torch.load(os.path.join(path, TEACHER), map_location='cpu'), strict=True)
     return world, vae, teacher.eval().requires_grad_(False)
@@ -157,10 +157,10 @@ def load_set(path: str, name: str):
     return data['labels'], data['tokens']
 
 
-def load_model(path: str, checkpoint: str, depth: int, var_root=None):
+def load_model(path: str, checkpoint: str, depth: int):
     """A VAR of the world's shapes at `depth` with its VQVAE, from a plain state dict (an MLE or a var_ext.train checkpoint)."""
-    world = load_world(path, var_root)[0]
-    vae, var = models.build(world.config(depth), 'cpu', var_root=var_root)
+    world = load_world(path)[0]
+    vae, var = models.build(world.config(depth), 'cpu')
     vae.load_state_dict(torch.load(os.path.join(path, VAE), map_location='cpu'), strict=True)
     var.load_state_dict(torch.load(checkpoint, map_location='cpu'), strict=True)
     return var.eval().requires_grad_(False)

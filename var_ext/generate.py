@@ -30,6 +30,7 @@ from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
 from ddo_patch.seeds import balanced_labels, parse_seeds
+from var_ext import models
 from var_ext.evaluator import generate_balanced
 from var_ext.options import add_amp_option, add_model_options, autocast, init_distributed, load_pretrained
 
@@ -97,6 +98,7 @@ def write_npz(outdir, seeds, num_classes):
 def main(argv=None):
     args = parse_args(argv)
     validate(args)
+    models.activate_upstream(args.var_root)
     rank, world_size, device = init_distributed()
     seeds = sampled_seeds(args, args.num_classes)   # a bad --classes fails before a model is built
     model_cfg, _, var = load_pretrained(args, args.net, device)

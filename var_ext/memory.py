@@ -36,9 +36,10 @@ def _efficient_attention(query, key, value, scale, attn_mask=None, dropout_p=0.0
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p, False, scale=scale)[0]
 
 
-def efficient_attention(var_root=None):
+def efficient_attention():
     """Within the block, upstream VAR's attention runs the kernel CUDA runs for its masked training forward."""
-    return swapped(models.import_upstream(var_root, 'models.basic_var'), 'slow_attn', _efficient_attention)
+    from models import basic_var
+    return swapped(basic_var, 'slow_attn', _efficient_attention)
 
 
 def random_batch(cfg: models.VARConfig, batch: int, device):
@@ -64,17 +65,17 @@ def mle_step(var, quantize, opt, labels, real_tokens, dropped):
 
 
 def step_memory(cfg: models.VARConfig, batch_gpu: int, batch_rank: int | None = None, ddp: bool = True,
-                var_root=None, objective: str = 'ddo') -> memory.MemoryEstimate:
+                objective: str = 'ddo') -> memory.MemoryEstimate:
     """Expected per-GPU peak of training the VAR of `cfg` (DDO, or the MLE control) at `batch_gpu` real samples
     per pass; with `batch_rank`, the rank's real images are tokenised at once before its micro-batches (`--data`)."""
     device = torch.device('meta')
-    vae, var = models.build(cfg, device, var_root=var_root)
+    vae, var = models.build(cfg, device)
     ref = models.frozen_copy(var) if objective == 'ddo' else None
     var.train()
-    opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=0, var_root=var_root)
+    opt = build_optimizer(var, lr=4e-6, weight_decay=0.05, grad_clip=2.0, mixed_precision=0)
     memory.create_optimizer_state(opt.optimizer)
     labels, real_tokens, fake_tokens, dropped = random_batch(cfg, batch_gpu, device)
-    with efficient_attention(var_root):
+    with efficient_attention():
         if objective == 'ddo':
             step = memory.step_peak(lambda: ddo_step(var, ref, vae.quantize, opt, labels, real_tokens, fake_tokens, dropped))
         else:
@@ -97,11 +98,12 @@ def main(argv=None):
     p.add_argument('--gpus', metavar='INT', type=int, default=8, help='processes; more than one adds DDP buckets (default: %(default)s)')
     p.add_argument('--tokens', action='store_true', help='the data set gives token pyramids: no images to tokenise')
     args = p.parse_args(argv)
+    models.activate_upstream(args.var_root)
     cfg = models.VARConfig(depth=args.depth)
     print(f'VAR-d{args.depth}, global batch {args.global_batch} on {args.gpus} processes ({args.global_batch // args.gpus} per rank)')
     for batch_gpu in args.batch_gpu or [16]:
         batch_rank = None if args.tokens else args.global_batch // args.gpus
-        print(step_memory(cfg, batch_gpu, batch_rank, args.gpus > 1, args.var_root).describe())
+        print(step_memory(cfg, batch_gpu, batch_rank, args.gpus > 1).describe())
 
 
 if __name__ == '__main__':

@@ -50,20 +50,22 @@ class VARConfig:
         return self.patch_nums[-1] * 16   # the VQVAE downsamples by 16 (ch_mult of length 5)
 
 
-def import_upstream(var_root=None, module: str = 'models'):
-    """Put the VAR checkout on sys.path (locator order: --var-root, $VAR_ROOT, cache) and import `module`.
+def activate_upstream(var_root=None):
+    """Make the VAR checkout's top-level modules (`models`, `trainer`, `utils`, `dist`) importable; returns its path.
 
-    Upstream's `utils/arg_util.py` (imported by `trainer` and `utils.misc`) runs `git rev-parse HEAD` in
-    the working directory at import time and fails outside a git repository, so the import runs with the
-    checkout as working directory.
+    Called once by each entry point (locator order: --var-root, $VAR_ROOT, the ddo-patch cache); var_ext's
+    modules then import upstream plainly, inside the functions that use it. Upstream's `utils/arg_util.py`
+    (imported by `trainer` and `utils.misc`) runs `git rev-parse HEAD` in the working directory when imported
+    and fails outside a git repository, so it is imported here with the checkout as working directory.
     """
     root = upstream.activate('var', var_root)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        return importlib.import_module(module)
+        importlib.import_module('utils.arg_util')
     finally:
         os.chdir(cwd)
+    return root
 
 
 def upstream_initialisation_disabled():
@@ -87,15 +89,15 @@ def disable_stochastic_layers(var: nn.Module) -> None:
             module.attn_drop = 0.0
 
 
-def build(cfg: VARConfig, device, var_root=None, fused_if_available: bool = True):
+def build(cfg: VARConfig, device, fused_if_available: bool = True):
     """Upstream `build_vae_var` with the process-wide side effect undone; returns (vqvae, var) on `device`.
 
     Weights are left as upstream leaves them (VAR: its own `init_weights`; VQVAE: uninitialised), because
     both are meant to be overwritten by `checkpoints.load_*`.
     """
-    models = import_upstream(var_root)
+    import models as upstream_models
     with upstream_initialisation_disabled():
-        vae, var = models.build_vae_var(
+        vae, var = upstream_models.build_vae_var(
             device=device, patch_nums=tuple(cfg.patch_nums),
             V=cfg.vae_vocab, Cvae=cfg.vae_z_channels, ch=cfg.vae_ch, share_quant_resi=cfg.share_quant_resi,
             num_classes=cfg.num_classes, depth=cfg.depth, shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm,

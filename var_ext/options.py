@@ -31,7 +31,7 @@ def load_pretrained(args, weights, device):
     checkpoints.require_file(weights, 'VAR checkpoint')
     cfg = models.VARConfig(depth=args.depth, patch_nums=models.parse_patch_nums(args.patch_nums), num_classes=args.num_classes,
                            vae_vocab=args.vae_vocab, vae_z_channels=args.vae_z, vae_ch=args.vae_ch)
-    vae, var = models.build(cfg, device, var_root=args.var_root)
+    vae, var = models.build(cfg, device)
     checkpoints.load_vae(vae, args.vae, f'--vae-vocab {cfg.vae_vocab} --vae-ch {cfg.vae_ch} --vae-z {cfg.vae_z_channels}')
     checkpoints.load_var(var, weights, f'--depth {cfg.depth} --patch-nums {args.patch_nums} --num-classes {cfg.num_classes}')
     return cfg, vae, var

@@ -31,7 +31,7 @@ def _given(argv) -> set:
     return {arg[2:].split('=', 1)[0] for arg in argv if arg.startswith('--')}
 
 
-def var_ext_argv(args, var_root, argv) -> list:
+def var_ext_argv(args, argv) -> list:
     """The var_ext.train command line for a parsed upstream `Args` and the raw command line it came from."""
     refused = sorted(_given(argv) & set(PRETRAINING_OPTIONS))
     if refused:
@@ -39,7 +39,7 @@ def var_ext_argv(args, var_root, argv) -> list:
                             + ' (VAR\'s own options hold pretraining values)')
     if not args.var_ckpt:
         raise DDOPatchError('--ddo=True finetunes a pretrained VAR: give --var_ckpt (e.g. var_d16.pth)')
-    out = ['--var-root', var_root, '--ref', args.var_ckpt, '--depth', str(args.depth), '--patch-nums', PATCH_NUMS.get(args.pn, args.pn),
+    out = ['--ref', args.var_ckpt, '--depth', str(args.depth), '--patch-nums', PATCH_NUMS.get(args.pn, args.pn),
            '--outdir', args.local_out_dir_path, '--ddo-alpha', str(args.ddo_alpha), '--ddo-beta', str(args.ddo_beta),
            '--wp0', str(args.wp0), '--wpe', str(args.wpe)]
     if args.vae_ckpt:
@@ -56,5 +56,5 @@ def var_ext_argv(args, var_root, argv) -> list:
 @exit_on_user_error
 def train_ddo(args, var_root):
     """Body of the patched `train.py --ddo=True`: one DDO round by var_ext.train; ends the process when it is done."""
-    train.main(var_ext_argv(args, var_root, sys.argv[1:]))
+    train.main(['--var-root', var_root, *var_ext_argv(args, sys.argv[1:])])
     end_process()  # leave the process group as `python -m var_ext.train` does

@@ -150,7 +150,7 @@ def expected_memory(args, model_cfg, dataset, world_size):
     per_rank = args.global_batch // world_size
     images = dataset[0][0].is_floating_point()
     return step_memory(model_cfg, per_rank // accumulation_rounds(args, world_size), per_rank if images else None,
-                       ddp=world_size > 1, var_root=args.var_root, objective=args.objective)
+                       ddp=world_size > 1, objective=args.objective)
 
 
 def build(args, device, world_size):
@@ -164,10 +164,10 @@ def build(args, device, world_size):
                                                         broadcast_buffers=False)
     amp = AMP_MODES[args.amp] if device.type == 'cuda' else 0
     opt = build_optimizer(var, lr=args.lr, weight_decay=args.wd, grad_clip=args.grad_clip, mixed_precision=amp,
-                          grad_accum=accumulation_rounds(args, world_size), var_root=args.var_root)
+                          grad_accum=accumulation_rounds(args, world_size))
     rank = tdist.get_rank() if world_size > 1 else 0
     return model_cfg, make_trainer(vae, var, ref, ddp, opt, args.ddo_alpha, args.ddo_beta, args.label_drop,
-                                   seed=args.seed, rank=rank, var_root=args.var_root, objective=args.objective)
+                                   seed=args.seed, rank=rank, objective=args.objective)
 
 
 class Run:
@@ -207,10 +207,11 @@ class Run:
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    models.activate_upstream(args.var_root)
     rank, world_size, device = init_distributed()
     validate(args, world_size)
     model_cfg, trainer = build(args, device, world_size)
-    dataset = datasets.build_dataset(args.data, args.dataset, model_cfg.resolution, args.var_root)
+    dataset = datasets.build_dataset(args.data, args.dataset, model_cfg.resolution)
     metric = datasets.resolve(args.metric, '--metric') if args.metric else None
     grad_accum = accumulation_rounds(args, world_size)
     if rank == 0:
@@ -235,7 +236,7 @@ def main(argv=None):
     if metric is not None:
         evaluator = Evaluator(metric, range(args.eval_samples), run_files.parse_scales(args.eval_cfg), args.outdir,
                               args.eval_batch, rank, world_size)
-    lr_control = models.import_upstream(args.var_root, 'utils.lr_control')
+    from utils import lr_control
     score_key = run_files.score_key(args.select_cfg)
 
     def evaluate(iteration):

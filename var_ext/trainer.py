@@ -38,7 +38,6 @@ from ddo_patch.losses import (
     sequence_log_likelihood,
 )
 from var_ext import sampler
-from var_ext.models import import_upstream
 
 # Parameters upstream trains without weight decay (train.py at the pin).
 NO_WEIGHT_DECAY = {'cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
@@ -61,13 +60,13 @@ def parameter_groups(var_wo_ddp):
 
 
 def build_optimizer(var_wo_ddp, lr: float, weight_decay: float, grad_clip: float, mixed_precision: int,
-                    grad_accum: int = 1, var_root=None):
+                    grad_accum: int = 1):
     """Upstream's AdamW(0.9, 0.95) over upstream's parameter groups, in upstream's `AmpOptimizer`.
 
     mixed_precision: 0 = fp32, 1 = fp16 (with loss scaling), 2 = bf16 (VAR's `--fp16` convention).
     grad_accum: micro-batches per update; AmpOptimizer divides each micro-batch loss by it.
     """
-    amp_sc = import_upstream(var_root, 'utils.amp_sc')
+    from utils import amp_sc
     names, params, groups = parameter_groups(var_wo_ddp)
     fused = next(var_wo_ddp.parameters()).is_cuda
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
@@ -199,10 +198,9 @@ class DDOTrainer:
         self.base.load_state_dict(dict(state), strict=True, skip_vae=True)
 
 
-def make_trainer(vae, var_wo_ddp, ref_var, var_ddp, opt, alpha, beta, label_drop=0.5, seed=0, rank=0, var_root=None,
-                 objective='ddo'):
+def make_trainer(vae, var_wo_ddp, ref_var, var_ddp, opt, alpha, beta, label_drop=0.5, seed=0, rank=0, objective='ddo'):
     """Wrap the models in upstream's VARTrainer (no label smoothing) and our DDO (or MLE) step on top."""
-    var_trainer = import_upstream(var_root, 'trainer')
+    import trainer as var_trainer
     device = next(var_wo_ddp.parameters()).device
     patch_nums = tuple(var_wo_ddp.patch_nums)
     base = var_trainer.VARTrainer(device=device, patch_nums=patch_nums, resos=tuple(16 * pn for pn in patch_nums),
