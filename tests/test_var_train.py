@@ -25,6 +25,14 @@ def argv(files, outdir, *extra):
             '--workers', '0', '--global-batch', '8', '--outdir', str(outdir), *extra]
 
 
+def tensorboard_scalars(run_dir) -> dict:
+    """{tag: [(step, value), ...]} of every event file under run_dir/tb, as TensorBoard reads them."""
+    event_accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+    events = event_accumulator.EventAccumulator(str(run_dir / 'tb'))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+
+
 def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, var_root, capsys):
     assert train.main(argv(files, tmp_path / 'run', '--iterations', '3', '--eval-every', '2', '--eval-samples', '10',
                            '--metric', 'var_tiny:brightness', '--eval-cfg', '0,1.5')) == 3
@@ -39,6 +47,12 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
     assert all(m['score'] == m['cfg=0'] for m in metrics)   # --select-cfg 0 (the default): guidance-free selects
+    # the same scalars in TensorBoard under upstream VAR's tags
+    scalars = tensorboard_scalars(run)
+    for key, tag in (('Loss/loss', 'AR_iter_loss/L'), ('DDO/delta_fake', 'AR_iter_ddo/delta_fake'),
+                     ('Progress/lr', 'AR_opt_lr/lr_max/sche_tlr'), ('Loss/grad_norm', 'AR_opt_grad/grad/grad_norm')):
+        assert scalars[tag] == [(r['iteration'], pytest.approx(r[key], rel=1e-6)) for r in log]
+    assert scalars['AR_eval/cfg=1.5'] == [(m['iteration'], pytest.approx(m['cfg=1.5'], rel=1e-6)) for m in metrics]
     # a fresh upstream VAR (upstream's own builder) takes both checkpoints with strict=True
     import models as upstream_models
     with models.upstream_initialisation_disabled():
@@ -132,6 +146,7 @@ def test_resume_continues_from_the_saved_iteration(files, tmp_path, stop, object
         torch.testing.assert_close(split[key], whole[key], atol=1e-6, rtol=1e-5)
     log = [json.loads(line)['iteration'] for line in (tmp_path / 'split' / 'log.jsonl').read_text().splitlines()]
     assert log == [1, 2, 3, 4]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / 'split')['AR_iter_loss/L']] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize('extra, message', [

@@ -12,9 +12,23 @@ STATE = 'training-state.pth'         # optimiser, iteration and best score, to r
 LOG = 'log.jsonl'                    # loss terms per logged iteration
 METRICS = 'metrics.jsonl'            # one row per evaluation: {'iteration', 'cfg=<w>': score per scale, 'score', 'best'}
 OPTIONS = 'training_options.json'
+TENSORBOARD = 'tb'                   # the same scalars as LOG and METRICS, when tensorboard is installed
+
+# log.jsonl / metrics.jsonl key -> TensorBoard tag in upstream VAR's style (`head/name`, its own tags where the
+# quantity is the same: train.py logs lr_max, the gradient norm and the fp16 loss scale under these)
+UPSTREAM_TAGS = {'Loss/loss': 'AR_iter_loss/L', 'Loss/grad_norm': 'AR_opt_grad/grad/grad_norm',
+                 'Progress/lr': 'AR_opt_lr/lr_max/sche_tlr'}
 
 DEFAULT_EVAL_CFG = (0.0, 1.5)        # the guidance scales evaluated: guidance-free and a moderate guided one
 DEFAULT_SELECT_CFG = 0.0             # the scale whose score selects the best checkpoint: guidance-free
+
+
+def tensorboard_tag(key: str, evaluation: bool = False) -> str:
+    """'DDO/delta_real' -> 'AR_iter_ddo/delta_real', 'Loss/loss' -> 'AR_iter_loss/L'; an evaluation's 'cfg=0' -> 'AR_eval/cfg=0'."""
+    if evaluation:
+        return f'AR_eval/{key}'
+    group, _, name = key.partition('/')
+    return UPSTREAM_TAGS.get(key) or f'AR_iter_{group.lower()}/{name}'
 
 
 def parse_scales(value) -> tuple:

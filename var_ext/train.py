@@ -9,7 +9,10 @@ upstream `var.load_state_dict(..., strict=True)`), `training-state.pth` (optimis
 resume: rerun the same command), `training_options.json`, `log.jsonl` (the loss terms and discriminator
 accuracies under the names edm2_ext.train logs them in stats.jsonl, samples/s, lr) and `metrics.jsonl`
 (each evaluation: one score per guidance scale of `--eval-cfg`, and the `score` of `--select-cfg`, which
-selects; the paper keeps the best of "guidance-free / a moderate CFG scale" every 4 iterations). The options mirror edm2_ext.train's: `--ref` the
+selects; the paper keeps the best of "guidance-free / a moderate CFG scale" every 4 iterations). With `tensorboard`
+installed (`pip install "ddo-patch[tensorboard]"`), the same scalars also go to `tb/` under upstream VAR's tag style
+(`AR_iter_loss/L`, `AR_iter_ddo/delta_real`, `AR_opt_lr/lr_max/sche_tlr`, `AR_eval/cfg=0`); the JSON lines stay the
+record. The options mirror edm2_ext.train's: `--ref` the
 pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
 `--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
 AMP only on CUDA.
@@ -170,12 +173,25 @@ def build(args, device, world_size):
                                    seed=args.seed, rank=rank, objective=args.objective)
 
 
+def tensorboard_writer(outdir, start):
+    """A SummaryWriter into outdir/tb, or None when tensorboard is not installed (log.jsonl is the record either way).
+    On resume at iteration `start`, `purge_step` hides what an interrupted run had logged after it (work that is redone)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:   # what torch raises when the tensorboard package is missing
+        return None
+    return SummaryWriter(os.path.join(outdir, run_files.TENSORBOARD), purge_step=start + 1 if start else None)
+
+
 class Run:
-    """The run directory: logs, checkpoints and the resumable state (rank 0 writes)."""
+    """The run directory: logs, checkpoints and the resumable state (rank 0 writes). log.jsonl and metrics.jsonl are
+    the record; their scalars also go to TensorBoard under upstream VAR's tags when it is installed."""
 
     def __init__(self, outdir, rank, args):
         self.outdir, self.rank, self.args = outdir, rank, args
         self.state_path = os.path.join(outdir, run_files.STATE)
+        self.start = 0            # the iteration this invocation resumes at
+        self.tensorboard = None   # made with the first record, like every other file
 
     def _create(self):
         """Made on the first write, after every input has been checked."""
@@ -183,6 +199,11 @@ class Run:
         if not os.path.isfile(self.path(run_files.OPTIONS)):
             with open(self.path(run_files.OPTIONS), 'w') as f:
                 json.dump(vars(self.args), f, indent=1)
+        if self.tensorboard is None:
+            self.tensorboard = tensorboard_writer(self.outdir, self.start) or False
+            if not self.tensorboard:
+                print('[var_ext.train] tensorboard is not installed: log.jsonl and metrics.jsonl only '
+                      '(pip install "ddo-patch[tensorboard]" for TensorBoard scalars)', flush=True)
 
     def path(self, name):
         return os.path.join(self.outdir, name)
@@ -192,6 +213,15 @@ class Run:
             self._create()
             with open(self.path(name), 'a') as f:
                 f.write(json.dumps(record) + '\n')
+            if self.tensorboard:
+                for key, value in record.items():
+                    if key not in ('iteration', 'best'):
+                        self.tensorboard.add_scalar(run_files.tensorboard_tag(key, name == run_files.METRICS), value,
+                                                    record['iteration'])
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
 
     def save(self, trainer, iteration, best, also_best=False):
         if self.rank != 0:
@@ -229,6 +259,7 @@ def main(argv=None):
         trainer.load_state_dict(state['trainer'])
         start, best = state['iteration'], state['best']
         print(f'[var_ext.train] resuming {args.outdir} at iteration {start}/{args.iterations}', flush=True)
+    run.start = start
 
     loader = torch.utils.data.DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == 'cuda',
                                          batch_sampler=datasets.ResumableBatchSampler(len(dataset), args.global_batch, rank, world_size, args.seed, start))
@@ -294,6 +325,7 @@ def main(argv=None):
             run.save(trainer, iteration, best, also_best=improved)
     if done_here and iteration % args.eval_every and iteration != args.iterations:
         run.save(trainer, iteration, best)   # stopped early (--slice, --stop-at): keep what was done
+    run.close()
     barrier()
     return iteration
 
