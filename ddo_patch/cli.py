@@ -1,5 +1,7 @@
 """The `ddo-patch` command line."""
 
+import os
+
 import click
 
 from ddo_patch import patch_cli, upstream
@@ -61,6 +63,53 @@ def demo(outdir, rounds, seed, alpha, beta, preset):
     """
     from ddo_patch import demo as demo_mod
     demo_mod.run_demo(outdir=outdir, rounds=rounds, seed=seed, alpha=alpha, beta=beta, preset=preset)
+
+
+@main.command()
+@click.argument('run_dir', metavar='RUN_DIR', type=click.Path(file_okay=False))
+@click.option('--backend', 'backend_name', metavar='CLASS', default=None,
+              help='The backend that reads RUN_DIR, e.g. var_ext.rounds_backend.RoundsBackend.  [default: the installed one that owns it]')
+@click.option('--plot', 'plot_path', metavar='PNG', default=None, help='Where the plot goes.  [default: RUN_DIR/diagnostics.png]')
+def inspect(run_dir, backend_name, plot_path):
+    """Read one training run of either adapter (edm2_ext.train, var_ext.train): summarise its DDO terms, flag them
+    when they leave the healthy range (beta too small or too large, divergence; docs/diagnostics.md), and plot
+    them next to its evaluations."""
+    from ddo_patch import diagnostics
+    from ddo_patch.rounds.backend import installed_backends, load_backend_class
+    if not os.path.isdir(run_dir):
+        raise DDOPatchError(f'{run_dir} is not a directory; give the --outdir of an edm2_ext.train or var_ext.train run')
+    if backend_name:
+        backend = load_backend_class(backend_name)
+    else:
+        installed = installed_backends()
+        owners = [cls for cls in installed.values() if cls.owns(run_dir)]
+        if len(owners) != 1:
+            raise DDOPatchError(f'{run_dir} is not a training run of an installed backend ({", ".join(sorted(installed)) or "none"}): '
+                                f'it needs the run\'s training_options.json and log; pass --backend CLASS for another one')
+        backend = owners[0]
+    settings, log = backend.run_settings(run_dir), backend.training_log(run_dir)
+    if not log:
+        raise DDOPatchError(f'{run_dir} has no logged training steps yet (the {backend.name} backend reads its log); '
+                            f'inspect it after the first status interval')
+    evaluations = backend.run_evaluations(run_dir)
+    flags = diagnostics.check(log, settings['beta'], evaluations)
+    objective = (f'DDO, alpha {settings["alpha"]:g}, beta {settings["beta"]:g}' if settings['objective'] == 'ddo'
+                 else 'the MLE control')
+    click.echo(f'{run_dir}: {backend.name} run, {objective}; {len(log)} logged steps ({backend.step_unit} '
+               f'{log[0]["step"]:g}-{log[-1]["step"]:g}), {len(evaluations)} evaluations')
+    summary = diagnostics.summary(log, settings['beta'])
+    click.echo('  2nd half: ' + ', '.join(f'{key} {value:.3g}' for key, value in summary.items()))
+    if evaluations:
+        scores = [e['score'] for e in evaluations]
+        click.echo(f'  evaluations: {scores[0]:.4g} (step {evaluations[0]["step"]:g}) -> best {min(scores):.4g} -> last {scores[-1]:.4g}')
+    for flag in flags:
+        click.echo(f'  {flag.rule}: {flag.reason}')
+    if not flags:
+        click.echo('  healthy: no rule of docs/diagnostics.md flags this run')
+    plot_path = plot_path or os.path.join(run_dir, 'diagnostics.png')
+    diagnostics.plot([dict(name=os.path.basename(os.path.normpath(run_dir)), beta=settings['beta'], log=log,
+                           evaluations=evaluations, flags=flags)], plot_path, backend.step_unit, 'score', title=run_dir)
+    click.echo(f'  plot: {plot_path}')
 
 
 main.add_command(rounds_cli.rounds)

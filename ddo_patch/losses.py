@@ -54,12 +54,18 @@ def ddo_objective(delta_real: torch.Tensor, delta_fake: torch.Tensor, alpha: Alp
     return ddo_terms(delta_real, delta_fake, alpha, beta).loss
 
 
+# |beta * delta| beyond which the implicit discriminator is saturated: sigmoid's slope there is under 3 % of its
+# slope at 0 (sigma'(5) = 0.0066 vs 0.25), so a confidently classified sample's gradient has all but vanished.
+SATURATION = 5.0
+
+
 class DDOTerms(NamedTuple):
     """One evaluation of a DDO loss with what a trainer wants to log (all shape [B], fp32)."""
     loss_real: torch.Tensor     # -log sigmoid(beta * delta_real), per sample
     loss_fake: torch.Tensor     # -alpha * log sigmoid(-beta * delta_fake), per sample
     delta_real: torch.Tensor    # log p_theta - log p_ref on real samples (ELBO surrogate for diffusion), detached
     delta_fake: torch.Tensor    # the same on reference samples
+    beta: float
 
     @property
     def loss(self) -> torch.Tensor:
@@ -74,16 +80,20 @@ class DDOTerms(NamedTuple):
         return (self.delta_real > 0).float().mean(), (self.delta_fake < 0).float().mean()
 
     def log_values(self, fake_counted: torch.Tensor | None = None) -> dict:
-        """The terms under the names both adapters log (EDM2's stats.jsonl, VAR's log.jsonl), per sample.
+        """The terms under the names both adapters log (EDM2's stats.jsonl, VAR's log.jsonl), per sample; the
+        diagnostics (`ddo_patch.diagnostics`) read them back.
 
-        `fake_counted` masks the fake samples whose discriminator accuracy counts (VAR: those with alpha > 0).
+        `fake_counted` masks the fake samples whose accuracy and saturation count (VAR: those with alpha > 0).
         """
         fake_right = self.delta_fake < 0
+        fake_saturated = (self.beta * self.delta_fake).abs() > SATURATION
         if fake_counted is not None:
-            fake_right = fake_right[fake_counted]
+            fake_right, fake_saturated = fake_right[fake_counted], fake_saturated[fake_counted]
         return {'DDO/loss_real': self.loss_real.detach(), 'DDO/loss_fake': self.loss_fake.detach(),
                 'DDO/delta_real': self.delta_real, 'DDO/delta_fake': self.delta_fake,
-                'DDO/accuracy_real': (self.delta_real > 0).float(), 'DDO/accuracy_fake': fake_right.float()}
+                'DDO/accuracy_real': (self.delta_real > 0).float(), 'DDO/accuracy_fake': fake_right.float(),
+                'DDO/saturated_real': ((self.beta * self.delta_real).abs() > SATURATION).float(),
+                'DDO/saturated_fake': fake_saturated.float()}
 
 
 def ddo_terms(delta_real: torch.Tensor, delta_fake: torch.Tensor, alpha: Alpha, beta: float) -> DDOTerms:
@@ -93,7 +103,7 @@ def ddo_terms(delta_real: torch.Tensor, delta_fake: torch.Tensor, alpha: Alpha, 
         raise DDOPatchError(f'real and fake batches must pair up one to one, got deltas of shape '
                             f'{tuple(delta_real.shape)} and {tuple(delta_fake.shape)}; draw equal-size batches')
     return DDOTerms(-F.logsigmoid(beta * delta_real), -alpha * F.logsigmoid(-beta * delta_fake),
-                    delta_real.detach(), delta_fake.detach())
+                    delta_real.detach(), delta_fake.detach(), float(beta))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import math
 import os
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, option_args
+from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, latest_per_step, option_args
 from ddo_patch.seeds import parse_seeds, seed_range
 from edm2_ext import run_files
 
@@ -131,3 +131,40 @@ class RoundsBackend(Backend):
         evaluations = [dict(step=run_files.snapshot_kimg(row['snapshot']), snapshot=os.path.join(run_dir, row['snapshot']),
                             score=row[metric]) for row in report['results']]
         return dict(evaluations=evaluations, error=None)
+
+    @classmethod
+    def _loss_kwargs(cls, run_dir) -> dict:
+        path = os.path.join(run_dir, run_files.OPTIONS)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f).get('loss_kwargs', {})
+
+    @classmethod
+    def owns(cls, run_dir) -> bool:
+        return str(cls._loss_kwargs(run_dir).get('class_name', '')).startswith('edm2_ext.loss.')
+
+    @classmethod
+    def run_settings(cls, run_dir) -> dict:
+        kwargs = cls._loss_kwargs(run_dir)
+        ddo = kwargs.get('class_name') == 'edm2_ext.loss.DDOLoss'
+        return dict(objective='ddo' if ddo else 'mle', alpha=kwargs.get('alpha') if ddo else None,
+                    beta=kwargs.get('beta') if ddo else None)
+
+    @classmethod
+    def training_log(cls, run_dir) -> list:
+        """stats.jsonl's status rows (each statistic's mean over the interval), stepped in kimg."""
+        rows = [dict({k: v for k, v in row.items() if k.startswith(('DDO/', 'Loss/'))}, step=row['Progress/kimg'])
+                for row in json_lines(os.path.join(run_dir, run_files.STATS)) if 'Loss/loss' in row]
+        return latest_per_step(rows, 'step')
+
+    @classmethod
+    def run_evaluations(cls, run_dir) -> list:
+        """eval.json's scores of the first metric it computed (`edm2_ext.evaluate --dest RUN_DIR/eval.json`)."""
+        path = os.path.join(run_dir, run_files.EVALUATION)
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            report = json.load(f)
+        metric = report['settings']['metrics'][0]
+        return [dict(step=run_files.snapshot_kimg(row['snapshot']), score=row[metric]) for row in report['results']]

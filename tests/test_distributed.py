@@ -26,16 +26,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('', 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.parametrize('mode, code', [('group', 0), ('no-group', 0), ('fails', 3)])
-def test_entry_point_ends_with_its_status_and_flushed_output(mode, code):
-    proc = subprocess.run([sys.executable, '-c', SCRIPT, mode, _free_port()], capture_output=True, text=True, timeout=120)
+def test_entry_point_ends_with_its_status_and_flushed_output(mode, code, free_port):
+    proc = subprocess.run([sys.executable, '-c', SCRIPT, mode, free_port], capture_output=True, text=True, timeout=120)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == 'all files written'
     assert 'terminate called' not in proc.stderr

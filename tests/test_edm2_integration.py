@@ -29,12 +29,11 @@ BATCH, ALPHA, BETA = 16, 2.0, 0.05
 
 
 @pytest.fixture(scope='module')
-def pipeline(edm2_root, tmp_path_factory):
+def pipeline(edm2_root, world, tmp_path_factory):
     from ddo_patch import upstream
     upstream.activate('edm2', edm2_root)  # the tests below unpickle upstream classes in-process
     root = tmp_path_factory.mktemp('edm2')
-    p = dict(root=root, data=write_dataset(root / 'data'), ddo=str(root / 'ddo'))
-    p['ref'] = train_mle_snapshot(p['data'], root / 'mle', edm2_root)
+    p = dict(root=root, data=world['data'], ddo=str(root / 'ddo'), ref=world['pretrained'])
     p['fake'] = str(root / 'fake.zip')
     run(['-m', 'edm2_ext.generate', '--net', p['ref'], '--outdir', p['fake'], '--seeds', '0-63', '--batch', '32', '--steps', '4'], edm2_root, root)
     p['train_args'] = ['-m', 'edm2_ext.train', '--outdir', p['ddo'], '--data', p['data'], '--ref', p['ref'], '--fake', p['fake'],
@@ -214,11 +213,11 @@ def test_mle_objective_is_the_same_run_with_upstreams_loss(pipeline, edm2_root, 
         assert type(pickle.load(f)['loss_fn']) is EDM2Loss
 
 
-def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path):
+def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp_path, free_port):
     script = textwrap.dedent('''
         import os, pickle, sys, torch
         sys.path.insert(0, sys.argv[1])
-        os.environ.update(MASTER_ADDR='localhost', MASTER_PORT='29517', RANK='0', WORLD_SIZE='1')
+        os.environ.update(MASTER_ADDR='localhost', MASTER_PORT=sys.argv[5], RANK='0', WORLD_SIZE='1')
         torch.distributed.init_process_group('gloo')
         import generate_images
         for _ in generate_images.generate_images(net=sys.argv[2], outdir=sys.argv[4], seeds=[0, 1], num_steps=2,
@@ -231,7 +230,7 @@ def test_ddo_snapshot_loads_in_upstream_generate_images(pipeline, edm2_root, tmp
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('edm2_ext', 'ddo_patch')))
     ''')
     snapshot = os.path.join(pipeline['ddo'], 'network-snapshot-0000002-0.050.pkl')
-    out = run(['-c', script, str(edm2_root), snapshot, pipeline['ref'], str(tmp_path / 'png')], edm2_root, tmp_path).stdout.split('\n')
+    out = run(['-c', script, str(edm2_root), snapshot, pipeline['ref'], str(tmp_path / 'png'), free_port], edm2_root, tmp_path).stdout.split('\n')
     # An ordinary EDM2 snapshot, loaded without this package, that samples like the reference it came from
     # (fp16 weights and use_fp16 as upstream writes them: fp16 sampling on a GPU), although DDO trained in fp32.
     assert out[:3] == ['EDM2Loss True torch.float16', 'EDM2Loss True torch.float16', '[]']

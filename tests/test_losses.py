@@ -319,3 +319,15 @@ def test_autoregressive_terms_at_reference_and_label_dropout():
     torch.testing.assert_close(logp.grad, 0.01 * (-1 + alpha))
     acc_real, acc_fake = terms.discriminator_accuracy()
     assert acc_real == 0 and acc_fake == 0  # delta = 0: d = 1/2 is neither side's win
+
+
+def test_logged_terms_count_saturated_samples_beyond_beta_delta_5():
+    """`DDO/saturated_*`: the fraction of samples whose |beta * delta| > 5, where sigmoid's slope is under 3 % of its
+    slope at 0; the fake side counts only the samples whose fake term is on (VAR: labels kept)."""
+    delta_real = torch.tensor([0.0, 40.0, -60.0, 10.0])
+    delta_fake = torch.tensor([-60.0, 60.0, 1.0, -49.0])
+    values = ddo_terms(delta_real, delta_fake, alpha=1.0, beta=0.1).log_values(fake_counted=torch.tensor([True, True, True, False]))
+    torch.testing.assert_close(values['DDO/saturated_real'], torch.tensor([0.0, 0.0, 1.0, 0.0]))   # 0, 4, -6, 1
+    torch.testing.assert_close(values['DDO/saturated_fake'], torch.tensor([1.0, 1.0, 0.0]))        # -6, 6, 0.1 (-4.9 dropped)
+    torch.testing.assert_close(values['DDO/accuracy_fake'], torch.tensor([1.0, 0.0, 0.0]))
+    assert ddo_terms(delta_real, delta_fake, 1.0, beta=1.0).log_values()['DDO/saturated_real'].tolist() == [0.0, 1.0, 1.0, 1.0]

@@ -16,7 +16,7 @@ import pytest
 
 from ddo_patch import patching, upstream
 from ddo_patch.errors import DDOPatchError
-from edm2_helpers import CLASSES, run, train_mle_snapshot, write_dataset
+from edm2_helpers import CLASSES, run
 
 pytestmark = pytest.mark.upstream
 
@@ -192,12 +192,11 @@ ALPHA, BETA = 2.0, 0.05
 
 
 @pytest.fixture(scope='module')
-def patched_edm2(edm2_root, tmp_path_factory):
+def patched_edm2(edm2_root, world, tmp_path_factory):
     root = tmp_path_factory.mktemp('patched-edm2')
     repo = fresh_copy(edm2_root, root / 'edm2', keep_git=False)
     patching.apply(repo)
-    data = write_dataset(root / 'data')
-    return dict(root=root, repo=repo, data=data, ref=train_mle_snapshot(data, root / 'mle', edm2_root))
+    return dict(root=root, repo=repo, data=world['data'], ref=world['pretrained'])
 
 
 def read_png(path):

@@ -78,6 +78,11 @@ def test_status_and_report(world, uninterrupted):
     assert report.returncode == 0
     png = workdir / 'report.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10000
+    # each round's diagnostics: the sweep points' and the control's terms read back through the EDM2 backend
+    for number in (1, 2):
+        assert (workdir / f'report-diagnostics-round{number:02d}.png').stat().st_size > 10000
+        assert f'report-diagnostics-round{number:02d}.png' in report.stdout
+    assert '\nDiagnostics' in (workdir / 'report.md').read_text()
     rows = [line for line in (workdir / 'report.md').read_text().splitlines() if line.startswith('| 1 |') or line.startswith('| 2 |')]
     chosen = uninterrupted['manifest']['rounds'][0]['chosen']
     # 2 runs and the control x 1024 images per round against the tiny MLE run's 1024 images: 100% per run, 300% then

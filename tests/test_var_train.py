@@ -197,13 +197,13 @@ def test_global_batch_must_split_over_ranks(files, tmp_path):
         train.validate(args, world_size=4)
 
 
-def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root):
+def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root, free_port):
     import os
     import subprocess
     import sys
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]),
            'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', '-m', 'var_ext.train',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port}', '-m', 'var_ext.train',
            *argv(files, tmp_path / 'ddp', '--iterations', '2', '--var-root', str(var_root), '--metric', 'var_tiny:brightness',
                  '--eval-samples', '6', '--eval-cfg', '0')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

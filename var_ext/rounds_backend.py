@@ -15,7 +15,7 @@ import math
 import os
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.rounds.backend import Backend, Command, json_lines, option_args
+from ddo_patch.rounds.backend import Backend, Command, json_lines, latest_per_step, option_args
 from ddo_patch.seeds import parse_seeds
 from var_ext import run_files
 
@@ -129,6 +129,39 @@ class RoundsBackend(Backend):
         best_file = os.path.join(run_dir, run_files.BEST)
         return dict(evaluations=[dict(step=it, snapshot=best_file, score=rows[it]['score'], scores=_scores(rows[it]))
                                  for it in sorted(rows)], error=None)
+
+
+    @classmethod
+    def _options(cls, run_dir) -> dict:
+        path = os.path.join(run_dir, run_files.OPTIONS)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
+    @classmethod
+    def owns(cls, run_dir) -> bool:
+        options = cls._options(run_dir)
+        return 'ddo_alpha' in options and 'label_drop' in options and os.path.isfile(os.path.join(run_dir, run_files.LOG))
+
+    @classmethod
+    def run_settings(cls, run_dir) -> dict:
+        options = cls._options(run_dir)
+        ddo = options.get('objective', 'ddo') == 'ddo'
+        return dict(objective='ddo' if ddo else 'mle', alpha=options['ddo_alpha'] if ddo else None,
+                    beta=options['ddo_beta'] if ddo else None)
+
+    @classmethod
+    def training_log(cls, run_dir) -> list:
+        rows = [dict({k: v for k, v in row.items() if k.startswith(('DDO/', 'Loss/'))}, step=row['iteration'])
+                for row in json_lines(os.path.join(run_dir, run_files.LOG))]
+        return latest_per_step(rows, 'step')
+
+    @classmethod
+    def run_evaluations(cls, run_dir) -> list:
+        """metrics.jsonl's selecting scores."""
+        rows = latest_per_step(json_lines(os.path.join(run_dir, run_files.METRICS)), 'iteration')
+        return [dict(step=row['iteration'], score=row['score']) for row in rows]
 
 
 def _scores(record) -> dict:

@@ -14,7 +14,11 @@ adapter, subclasses `Backend`, and answers:
 - what a finished run or evaluation recorded: the evaluations and their scores (`collect`,
   `read_evaluation`, and `evaluation_scores` for what an evaluation scored besides the selecting score,
   e.g. VAR's score at each guidance scale). The manager takes the scores as the runs wrote them; it
-  computes none itself.
+  computes none itself;
+- how to read one run directory of its train entry without a config (`owns`, `run_settings`, `training_log`,
+  `run_evaluations`), for the report's diagnostics and `ddo-patch inspect` (`ddo_patch.diagnostics`).
+  Installed backends are listed under the entry-point group `ddo_patch.backends`, so that `inspect` finds
+  the one that owns a directory without the core naming an adapter.
 """
 
 from __future__ import annotations
@@ -140,6 +144,50 @@ class Backend:
         """{'evaluations': [{'step', 'snapshot', 'score'}, ...], 'error': None or why the run has no result}; an
         evaluation may carry more (VAR: 'scores', one per guidance scale), which the manifest records as is."""
         raise NotImplementedError
+
+    # One run directory, read without a config (the report's diagnostics, `ddo-patch inspect`). A backend that
+    # does not read its runs gets no diagnostics: these defaults own nothing and read nothing.
+
+    @classmethod
+    def owns(cls, run_dir) -> bool:
+        """Whether `run_dir` was written by this backend's train entry."""
+        return False
+
+    @classmethod
+    def run_settings(cls, run_dir) -> dict:
+        """{'objective': 'ddo' or 'mle', 'alpha', 'beta' (None under mle)} as the run recorded its options."""
+        return dict(objective='ddo', alpha=None, beta=None)
+
+    @classmethod
+    def training_log(cls, run_dir) -> list:
+        """The run's logged terms as rows {'step': progress in `step_unit`, 'DDO/delta_real': mean, ...}, under the
+        names `ddo_patch.losses.DDOTerms.log_values` gives them, in training order (a resumed run's repeats dropped)."""
+        return []
+
+    @classmethod
+    def run_evaluations(cls, run_dir) -> list:
+        """The evaluations the run directory holds, [{'step', 'score'}, ...]; [] when it holds none."""
+        return []
+
+
+def installed_backends() -> dict:
+    """{name: Backend subclass} of the entry-point group `ddo_patch.backends` (the adapters declare theirs)."""
+    from importlib.metadata import entry_points
+    found = {}
+    for entry in entry_points(group='ddo_patch.backends'):
+        try:
+            cls = entry.load()
+        except ImportError:   # an adapter whose dependencies are not installed
+            continue
+        if isinstance(cls, type) and issubclass(cls, Backend):
+            found[entry.name] = cls
+    return found
+
+
+def latest_per_step(rows, step_key) -> list:
+    """Rows in order of `step_key`, the last one written for each step (a resumed run logs a redone step again)."""
+    by_step = {row[step_key]: row for row in rows if step_key in row}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def load_backend_class(name: str):

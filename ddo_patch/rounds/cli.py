@@ -37,6 +37,7 @@ def status(workdir):
 @rounds.command()
 @click.argument('workdir', metavar='DIR')
 def report(workdir):
-    """Print the per-round table and write DIR/report.md and DIR/report.png (metric and cost per round)."""
-    text, png = rounds_report.report(workdir)
-    click.echo(text + f'\nplot: {png}')
+    """Print the per-round table and the flagged runs, and write DIR/report.md, DIR/report.png (metric and cost per
+    round) and DIR/report-diagnostics-roundNN.png (each run's DDO terms next to its evaluations)."""
+    text, pngs = rounds_report.report(workdir)
+    click.echo(text + '\nplots: ' + ', '.join(pngs))

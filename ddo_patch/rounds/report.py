@@ -1,12 +1,15 @@
 """Reading a round manager's work directory: where it stands (`status`), and the per-round table and plot
-of the metric and of the cost in images seen against pretraining (`report`)."""
+of the metric and of the cost in images seen against pretraining, with each round's diagnostics: every run's
+DDO terms over the round next to its evaluations, and the points flagged by `ddo_patch.diagnostics` (`report`)."""
 
 from __future__ import annotations
 
 import os
 
+from ddo_patch import diagnostics
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds import manifest
+from ddo_patch.rounds.backend import load_backend_class
 from ddo_patch.rounds.launch import RUNNING
 
 
@@ -173,12 +176,45 @@ def plot(m, path):
     plt.close(fig)
 
 
+def round_diagnostics(m, workdir, r) -> list:
+    """The runs of round `r` that have a training log, as `diagnostics.plot` takes them: each sweep point and the
+    control, read through the config's backend, its evaluations after the round's reference score (step 0)."""
+    backend = load_backend_class(m['config']['backend'])
+    runs = []
+    for run in r['runs'] + ([r['control']] if r.get('control') else []):
+        run_dir = os.path.join(workdir, run['run_dir'])
+        log = backend.training_log(run_dir) if os.path.isdir(run_dir) else []
+        if not log:
+            continue
+        start = r['control']['start']['score'] if run['name'] == 'control' else r['reference_score']
+        evaluations = ([dict(step=0, score=start)] if start is not None else []) + \
+            [dict(step=e['step'], score=e['score']) for e in run['evaluations']]
+        runs.append(dict(name=run['name'], beta=run['beta'], log=log, evaluations=evaluations,
+                         flags=diagnostics.check(log, run['beta'], evaluations)))
+    return runs
+
+
+def diagnostics_text(rounds) -> str:
+    """The flagged runs per round, one line each ('' when every run is in the healthy range)."""
+    lines = [f'- round {number}, {run["name"]}: {flag.rule}: {flag.reason}'
+             for number, runs in rounds for run in runs for flag in run['flags']]
+    if not lines:
+        return '\nDiagnostics: every run\'s DDO terms are in the healthy range (docs/diagnostics.md).\n'
+    return '\nDiagnostics (docs/diagnostics.md):\n\n' + '\n'.join(lines) + '\n'
+
+
 def report(workdir) -> tuple:
-    """Write report.md and report.png into the work directory; return (table text, png path)."""
+    """Write report.md, report.png and report-diagnostics-roundNN.png into the work directory; return (table text,
+    [png paths])."""
     m = load(workdir)
-    text = table(m)
+    rounds = [(r['round'], round_diagnostics(m, workdir, r)) for r in m['rounds']]
+    text = table(m) + diagnostics_text(rounds)
     with open(os.path.join(workdir, 'report.md'), 'w') as f:
         f.write(text)
-    png = os.path.join(workdir, 'report.png')
-    plot(m, png)
-    return text, png
+    pngs = [os.path.join(workdir, 'report.png')]
+    plot(m, pngs[0])
+    for number, runs in rounds:
+        if runs:
+            pngs.append(os.path.join(workdir, f'report-diagnostics-round{number:02d}.png'))
+            diagnostics.plot(runs, pngs[-1], m['step_unit'], m['metric'], title=f'{workdir}: round {number}')
+    return text, pngs
