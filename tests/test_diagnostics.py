@@ -39,18 +39,25 @@ def test_each_rule_fires_on_its_symptom_with_a_one_line_reason():
     assert diagnostics.check(var_like_log(range(1, 41), lambda s: -7.0, lambda s: -9.0), 0.1) == []   # 0.2 apart: separating
     unseparated = var_like_log(range(1, 41), lambda s: 100.0, lambda s: 100.0, saturated=0.8)   # saturated and not separating
     assert rules(diagnostics.check(unseparated, 1.0)) == ['beta too large']
-    saturated = var_like_log(range(1, 41), lambda s: 100.0, lambda s: -100.0, saturated=0.8)
+    saturated = var_like_log(range(1, 41), lambda s: 100.0, lambda s: -100.0, saturated=0.3)
     flags = diagnostics.check(saturated, 1.0)
-    assert rules(flags) == ['beta too large'] and '80% of the samples' in flags[0].reason and '\n' not in flags[0].reason
+    assert rules(flags) == ['beta too large'] and '30% of the samples' in flags[0].reason and '\n' not in flags[0].reason
     nan = var_like_log(range(1, 11), lambda s: 1.0, lambda s: -1.0, loss=lambda s: math.nan if s >= 7 else 1.0)
     flags = diagnostics.check(nan, 1.0, [dict(step=0, score=1.0), dict(step=5, score=math.nan)])
     assert rules(flags) == ['not finite'] and 'from step 7' in flags[0].reason
     good = var_like_log(range(1, 41), lambda s: 1.0, lambda s: -1.0)
-    rising = [dict(step=0, score=49.0), dict(step=8, score=52.0), dict(step=16, score=65.5)]
-    assert rules(diagnostics.check(good, 1.0, rising)) == ['diverged']
+    jumped = [dict(step=0, score=49.96), dict(step=8, score=54.97), dict(step=80, score=52.18)]   # VAR at 30x the lr (measured)
+    flags = diagnostics.check(good, 1.0, jumped)
+    assert rules(flags) == ['diverged'] and 'reached 54.97 (+10%)' in flags[0].reason
+    wrong_way = var_like_log(range(1, 41), lambda s: -0.45, lambda s: -0.35)   # real data pushed below the reference samples
+    assert rules(diagnostics.check(wrong_way, 1.0, jumped)) == ['diverged']
+    drifted = [dict(step=0, score=11.55), dict(step=1, score=25.4), dict(step=4, score=211.9)]   # digits at beta 0.003 (measured)
+    assert rules(diagnostics.check(drifting, 0.1, drifted)) == ['diverged', 'beta too small']
     recovered = [dict(step=0, score=49.0), dict(step=8, score=48.0), dict(step=16, score=65.5)]   # it was better once
     assert diagnostics.check(good, 1.0, recovered) == []
-    assert rules(diagnostics.check([dict(step=1, **{'Loss/loss': 1.0})], None, rising)) == ['diverged']   # MLE: no beta rules
+    control = [dict(step=0, score=11.55), dict(step=2, score=11.83)]   # the digits MLE control: +2.4 %, noise
+    assert diagnostics.check([dict(step=1, **{'Loss/loss': 1.0})], None, control) == []
+    assert rules(diagnostics.check([dict(step=1, **{'Loss/loss': 1.0})], None, jumped)) == ['diverged']   # MLE: no beta rules
 
 
 def write_var_run(run_dir, beta=0.5, objective='ddo'):

@@ -216,5 +216,6 @@ def report(workdir) -> tuple:
     for number, runs in rounds:
         if runs:
             pngs.append(os.path.join(workdir, f'report-diagnostics-round{number:02d}.png'))
-            diagnostics.plot(runs, pngs[-1], m['step_unit'], m['metric'], title=f'{workdir}: round {number}')
+            diagnostics.plot(runs, pngs[-1], m['step_unit'], m['metric'],
+                             title=f'{os.path.basename(os.path.normpath(workdir))}: round {number}')
     return text, pngs
