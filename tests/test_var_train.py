@@ -2,11 +2,17 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.preemption import EXIT_INTERRUPTED
 from var_ext import models, train
 from var_tiny import TINY, one_cpu_thread, tiny_checkpoints  # noqa: F401 (fixture)
 
@@ -42,8 +48,9 @@ def test_round_writes_strict_var_checkpoints_logs_and_metrics(files, tmp_path, v
     printed = [float(line.split(' samples/s')[0].rsplit(' ', 1)[1]) for line in capsys.readouterr().out.splitlines() if 'samples/s' in line]
     assert printed == [pytest.approx(r['Timing/samples_per_s'], rel=5e-3) for r in log]   # 3 significant digits
     for key in ('Loss/loss', 'DDO/loss_real', 'DDO/loss_fake', 'DDO/accuracy_real', 'DDO/accuracy_fake',
-                'Timing/samples_per_s', 'Progress/lr', 'Timing/seconds_generate'):
+                'DDO/saturated_real', 'DDO/saturated_fake', 'Timing/samples_per_s', 'Progress/lr', 'Timing/seconds_generate'):
         assert all(key in r for r in log)
+    assert all(r['Faults/nonfinite_steps'] == 0 and 'Faults/loss_scale' not in r for r in log)   # fp32: no loss scale
     metrics = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iteration'] for m in metrics] == [0, 2, 3] and all('cfg=0' in m and 'cfg=1.5' in m for m in metrics)
     assert all(m['score'] == m['cfg=0'] for m in metrics)   # --select-cfg 0 (the default): guidance-free selects
@@ -198,9 +205,6 @@ def test_global_batch_must_split_over_ranks(files, tmp_path):
 
 
 def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root, free_port):
-    import os
-    import subprocess
-    import sys
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]),
            'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port}', '-m', 'var_ext.train',
@@ -213,3 +217,47 @@ def test_two_processes_under_torchrun_with_gloo(files, tmp_path, var_root, free_
     metrics = [json.loads(line) for line in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iteration'] for m in metrics] == [0, 2]
     assert not any(p.name.startswith('eval-') for p in (tmp_path / 'ddp').iterdir())   # shards cleaned up
+
+
+@pytest.mark.parametrize('signum', [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_checkpoints_every_finished_iteration_and_the_resumed_run_is_exact(files, tmp_path, signum):
+    """What a cluster's preemption warning (SIGUSR1, Slurm's --signal) or its SIGTERM does: the iteration in progress
+    finishes, the training state is written, the process exits with 75 ("resume me"); rerunning the command ends
+    with exactly the weights of an uninterrupted run."""
+    common = ('--iterations', '80', '--eval-every', '80', '--lr', '1e-3')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, '-m', 'var_ext.train', *argv(files, tmp_path / 'split', *common)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / 'split' / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out[-2000:]
+    assert f'{signal.Signals(signum).name} received: finishing this step' in out
+    saved = torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration']
+    assert 3 <= saved < 80 and saved == len(log.read_text().splitlines())   # every finished iteration kept, none lost
+    assert train.main(argv(files, tmp_path / 'split', *common)) == 80
+    assert train.main(argv(files, tmp_path / 'whole', *common)) == 80
+    split, whole = (torch.load(tmp_path / d / 'var-ddo-last.pth') for d in ('split', 'whole'))
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], atol=1e-6, rtol=1e-5)
+    assert [json.loads(line)['iteration'] for line in log.read_text().splitlines()] == list(range(1, 81))
+
+
+def test_nonfinite_steps_are_counted_and_too_many_in_a_row_stop_the_run(files, tmp_path, capsys, monkeypatch):
+    """A loss forced to NaN makes every step non-finite: each is counted in log.jsonl, and the (max + 1)-th in a row
+    stops the run with one line, before a NaN state is written."""
+    from var_ext import trainer
+    ddo_loss = trainer.ddo_loss
+    monkeypatch.setattr(trainer, 'ddo_loss', lambda *args: (lambda loss, terms: (loss * float('nan'), terms))(*ddo_loss(*args)))
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv(files, tmp_path / 'run', '--iterations', '8', '--max-nonfinite', '2'))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'error: 3 consecutive steps had a non-finite loss or gradient norm (the last: iteration 3); the run diverged: '
+        'lower --lr (or raise --max-nonfinite to let fp16 recover)']
+    log = [json.loads(line) for line in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()]
+    assert [(r['iteration'], r['Faults/nonfinite_steps']) for r in log] == [(1, 1), (2, 1)]
+    assert not math.isfinite(log[0]['Loss/loss']) and not (tmp_path / 'run' / 'training-state.pth').exists()

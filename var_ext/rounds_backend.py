@@ -28,7 +28,7 @@ class RoundsBackend(Backend):
     step_unit = 'iterations'
     train_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z', 'dataset', 'workers',
                      'label_drop', 'global_batch', 'batch_gpu', 'lr', 'schedule', 'warmup', 'wp0', 'wpe', 'wd',
-                     'grad_clip', 'amp', 'seed', 'log_every')
+                     'grad_clip', 'amp', 'max_nonfinite', 'seed', 'log_every')
     evaluate_options = ('metric', 'samples', 'cfg', 'select_cfg', 'batch', 'report_seeds', 'noise_seeds')
     ddo_image_cost = 3.4   # measured with its online reference sampling: benchmarks/step_cost.py --backend var
     model_options = ('depth', 'vae', 'patch_nums', 'num_classes', 'vae_vocab', 'vae_ch', 'vae_z')   # var_ext.options

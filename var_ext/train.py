@@ -15,7 +15,8 @@ installed (`pip install "ddo-patch[tensorboard]"`), the same scalars also go to 
 record. The options mirror edm2_ext.train's: `--ref` the
 pretrained model (initialises the trained and the frozen reference VAR), `--slice` a partial run,
 `--batch-gpu` a memory-bound per-rank batch, `--dry-run`. Runs on CPU (gloo under torchrun) for tests;
-AMP only on CUDA.
+AMP only on CUDA. SIGUSR1 or SIGTERM (a cluster's preemption or time-limit warning) ends the run after the
+iteration in progress, with its training state written, and exit status 75: rerun the same command to resume.
 
 `--objective mle` is the matched control: the same run (init, optimiser, schedule, batches, evaluation,
 selection, files) with upstream's token cross-entropy, the labels dropped at `--label-drop` (VAR pretrains
@@ -30,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -38,6 +40,7 @@ import torch.distributed as tdist
 from ddo_patch.distributed import barrier, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import OBJECTIVES, check_hyperparameters
+from ddo_patch.preemption import EXIT_INTERRUPTED, StopRequest
 from var_ext import checkpoints, datasets, models, options, run_files
 from var_ext.evaluator import Evaluator
 from var_ext.options import add_model_options, init_distributed, load_pretrained
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     g.add_argument('--wd', metavar='FLOAT', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
     g.add_argument('--grad-clip', metavar='FLOAT', type=float, default=2.0, help='gradient-norm clip, <=0 off (default: %(default)s)')
     options.add_amp_option(g)
+    g.add_argument('--max-nonfinite', metavar='INT', type=int, default=20,
+                   help='stop after more than INT consecutive steps with a non-finite loss or gradient norm (default: %(default)s)')
     g.add_argument('--seed', metavar='INT', type=int, default=0, help='data order, reference samples and dropout masks (default: %(default)s)')
     g = p.add_argument_group('evaluation and output')
     g.add_argument('--outdir', metavar='DIR', required=True, help='run directory; an existing run there is resumed')
@@ -135,14 +140,16 @@ def accumulation_rounds(args, world_size) -> int:
 
 
 def merge_micro_logs(logs):
-    """Means over micro-batches, summed times, the gradient norm of the (last) stepping micro-batch."""
+    """Means over micro-batches, summed times, the gradient norm and loss scale of the (last) stepping micro-batch,
+    and whether any micro-batch was not finite."""
     def mean(values):   # the fake accuracy is NaN on a micro-batch whose labels were all dropped
         finite = [v for v in values if v == v]
         return sum(finite) / len(finite) if finite else float('nan')
     merged = {k: mean([log[k] for log in logs]) for k in logs[0]}
     for k in TIMINGS:
         merged[k] *= len(logs)
-    merged['Loss/grad_norm'] = logs[-1]['Loss/grad_norm']
+    merged.update({k: logs[-1][k] for k in ('Loss/grad_norm', 'Faults/loss_scale') if k in logs[-1]})
+    merged['Faults/nonfinite'] = max(log['Faults/nonfinite'] for log in logs)
     return merged
 
 
@@ -251,7 +258,13 @@ def main(argv=None):
             print(expected_memory(args, model_cfg, dataset, world_size).describe(), flush=True)
         print('Dry run; exiting.', flush=True)
         return 0
+    with StopRequest(device) as stop:
+        return train(args, rank, world_size, device, model_cfg, trainer, dataset, metric, stop)
 
+
+def train(args, rank, world_size, device, model_cfg, trainer, dataset, metric, stop):
+    """The round itself, from the run directory's state if there is one; returns the last iteration done."""
+    grad_accum = accumulation_rounds(args, world_size)
     run = Run(args.outdir, rank, args)
     start, best = 0, None
     if os.path.isfile(run.state_path):
@@ -289,11 +302,16 @@ def main(argv=None):
     if evaluator is not None and best is None and not args.no_initial_eval:
         evaluate(0)   # the reference itself: a round may not improve on it
         run.save(trainer, 0, best, also_best=True)
-    iteration, done_here = start, 0
+    iteration, done_here, consecutive, nonfinite_since_log = start, 0, 0, 0
     for images_or_tokens, labels in itertools.chain([first], batches):
         if iteration >= args.iterations or (args.slice is not None and done_here >= args.slice) or \
                 (args.stop_at is not None and iteration >= args.stop_at):
             break
+        if stop.due():   # SIGUSR1/SIGTERM on any rank: keep every finished iteration, leave with "resume me"
+            run.save(trainer, iteration, best)
+            run.close()
+            barrier()
+            sys.exit(EXIT_INTERRUPTED)
         wp_it = args.warmup * args.iterations
         _, lr, _, _ = lr_control.lr_wd_annealing(args.schedule, trainer.base.var_opt.optimizer, args.lr, args.wd, args.wd,
                                                  iteration, wp_it, args.iterations, wp0=args.wp0, wpe=args.wpe)
@@ -307,9 +325,18 @@ def main(argv=None):
         log = merge_micro_logs(micro_logs)
         seconds = time.perf_counter() - began
         iteration, done_here = iteration + 1, done_here + 1
+        # Counted, not hidden: a step whose loss or gradient norm is not finite (the same on every rank: the gradients
+        # are all-reduced). fp16 skips it (upstream's scaler); fp32 has stepped on it, and what follows will be too.
+        consecutive = consecutive + 1 if log.pop('Faults/nonfinite') else 0
+        nonfinite_since_log += bool(consecutive)
+        if consecutive > args.max_nonfinite:
+            raise DDOPatchError(f'{consecutive} consecutive steps had a non-finite loss or gradient norm (the last: iteration '
+                                f'{iteration}); the run diverged: lower --lr (or raise --max-nonfinite to let fp16 recover)')
         if iteration % args.log_every == 0 or iteration == args.iterations:
             stats = average_across_ranks(log, world_size, device)
-            record = {'iteration': iteration, 'Progress/lr': lr, **stats, 'Timing/samples_per_s': args.global_batch / seconds}
+            record = {'iteration': iteration, 'Progress/lr': lr, **stats, 'Faults/nonfinite_steps': nonfinite_since_log,
+                      'Timing/samples_per_s': args.global_batch / seconds}
+            nonfinite_since_log = 0
             run.append(run_files.LOG, record)
             if rank == 0:
                 terms = ' (mle)' if args.objective == 'mle' else (

@@ -25,6 +25,7 @@ drawn here from the step's generator); optimiser, schedule, batches and checkpoi
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -182,10 +183,15 @@ class DDOTrainer:
         else:
             loss = mle_loss(self.base.var, self.base.quantize_local, labels, real_tokens, dropped, self.var_wo_ddp.num_classes,
                             self.base.train_loss, self.base.loss_weight, self.base.var_opt.amp_ctx)
-        grad_norm, _ = self.base.var_opt.backward_clip_step(stepping=stepping, loss=loss)
+        grad_norm, scale_log2 = self.base.var_opt.backward_clip_step(stepping=stepping, loss=loss)
         sync()
-        log.update({'Loss/loss': loss.item(), 'Loss/grad_norm': float(grad_norm) if grad_norm is not None else float('nan'),
+        grad_norm = float(grad_norm) if grad_norm is not None else float('nan')
+        log.update({'Loss/loss': loss.item(), 'Loss/grad_norm': grad_norm,
                     TIMINGS[0]: generated - start, TIMINGS[1]: time.perf_counter() - generated})
+        # Not finite: the loss, or the gradient norm of the step (fp16: a step upstream's scaler skips)
+        log['Faults/nonfinite'] = float(not math.isfinite(log['Loss/loss']) or (stepping and not math.isfinite(grad_norm)))
+        if scale_log2 is not None:
+            log['Faults/loss_scale'] = 2.0 ** scale_log2
         return log
 
     def state_dict(self):
