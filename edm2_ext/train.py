@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 import click
@@ -29,6 +30,7 @@ from ddo_patch import upstream
 from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import OBJECTIVES, check_hyperparameters
+from ddo_patch.preemption import EXIT_INTERRUPTED, Interrupted, StopRequest
 from edm2_ext import options, presets, run_files
 
 
@@ -92,10 +94,14 @@ def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, 
     return c
 
 
-def launch_training(run_dir, c, device):
+def launch_training(run_dir, c, device, max_nonfinite=20):
+    """Upstream's loop on the options `c`, with edm2_ext's step-boundary hooks (`edm2_ext.loop_hooks`): SIGUSR1 or
+    SIGTERM ends it after the step in progress with the training state written and exit status 75 (rerun to
+    resume); non-finite steps are counted in stats.jsonl and more than `max_nonfinite` in a row stop it."""
     import dnnlib
     import training.training_loop
     from torch_utils import distributed as dist
+    from edm2_ext.loop_hooks import StepHooks
     from edm2_ext.platform import upstream_compatible
     if dist.get_rank() == 0 and not os.path.isdir(run_dir):
         os.makedirs(run_dir)
@@ -103,8 +109,13 @@ def launch_training(run_dir, c, device):
             json.dump(c, f, indent=2)
     barrier()
     dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    with upstream_compatible(device):
-        training.training_loop.training_loop(run_dir=run_dir, device=device, **c)
+    steps_per_status = (c.status_nimg or c.batch_size) // c.batch_size
+    with upstream_compatible(device), StopRequest(device) as stop, \
+            StepHooks(run_dir, stop, c.total_nimg, steps_per_status, max_nonfinite, device).installed():
+        try:
+            training.training_loop.training_loop(run_dir=run_dir, device=device, **c)
+        except Interrupted:
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.command(context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110))
@@ -135,10 +146,12 @@ def launch_training(run_dir, c, device):
 @click.option('--checkpoint', metavar='NIMG', type=options.NIMG, default=None, help='Interval of training-state checkpoints.  [default: preset]')
 @click.option('--slice', 'slice_nimg', metavar='NIMG', type=options.NIMG, default=0, show_default=True, help='Stop after this many images (rounded to checkpoints); 0 = run to the end.')
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
+@click.option('--max-nonfinite', metavar='INT', type=click.IntRange(min=0), default=20, show_default=True,
+              help='Stop after more than INT consecutive steps with non-finite gradients (which upstream zeroes).')
 @click.option('-n', '--dry-run', is_flag=True, help='Check the inputs, print the training options and the expected per-GPU peak memory, and exit.')
 @options.edm2_root
 def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, beta, batch_gpu, workers, slice_nimg, seed,
-            dry_run, edm2_root, **hyperparameters):
+            max_nonfinite, dry_run, edm2_root, **hyperparameters):
     """DDO-finetune an EDM2 snapshot with the official EDM2 training loop (on GPUs, or on the CPU).
 
     \b
@@ -153,11 +166,11 @@ def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, 
     """
     hp = presets.resolve(preset, round_idx, **hyperparameters)
     train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=batch_gpu, workers=workers, slice_nimg=slice_nimg,
-          seed=seed, dry_run=dry_run, edm2_root=edm2_root, objective=objective)
+          seed=seed, dry_run=dry_run, edm2_root=edm2_root, objective=objective, max_nonfinite=max_nonfinite)
 
 
 def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2, slice_nimg=0, seed=0, dry_run=False,
-          edm2_root=None, objective='ddo'):
+          edm2_root=None, objective='ddo', max_nonfinite=20):
     """Check every input, then run one DDO run, or its matched MLE control (the body of this entry and of the
     patched train_edm2.py)."""
     if objective == 'ddo':
@@ -165,7 +178,7 @@ def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2
     run_training(outdir, lambda device: setup_training_config(
         data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
         slice_nimg=slice_nimg, seed=seed, workers=workers, device=device, objective=objective), dry_run=dry_run,
-        edm2_root=edm2_root, estimate=lambda c, world_size: expected_memory(c, world_size, objective))
+        edm2_root=edm2_root, estimate=lambda c, world_size: expected_memory(c, world_size, objective), max_nonfinite=max_nonfinite)
 
 
 def expected_memory(c, world_size, objective='ddo'):
@@ -178,7 +191,7 @@ def expected_memory(c, world_size, objective='ddo'):
                        P_mean=c.loss_kwargs.P_mean, P_std=c.loss_kwargs.P_std, objective=objective)
 
 
-def run_training(outdir, configure, dry_run=False, edm2_root=None, estimate=None):
+def run_training(outdir, configure, dry_run=False, edm2_root=None, estimate=None, max_nonfinite=20):
     """Join the process group, build upstream `training_loop` arguments with `configure(device)` (which checks the
     inputs), print them, and run the loop (or stop there for a dry run, after printing `estimate(c, world_size)`,
     the expected memory, if given). Shared by edm2_ext.train and .pretrain."""
@@ -197,7 +210,7 @@ def run_training(outdir, configure, dry_run=False, edm2_root=None, estimate=None
             print(estimate(c, dist.get_world_size()).describe(), flush=True)
         dist.print0('Dry run; exiting.')
         return
-    launch_training(outdir, c, device)
+    launch_training(outdir, c, device, max_nonfinite)
 
 
 if __name__ == '__main__':

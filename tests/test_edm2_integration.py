@@ -143,6 +143,50 @@ def test_sigkilled_run_resumes(pipeline, edm2_root, tmp_path):
     assert state['state']['cur_nimg'] == 2048 and state['loss_fn'] == {'fake_nimg': 2048}
 
 
+@pytest.mark.parametrize('signum', ['SIGUSR1', 'SIGTERM'])
+def test_a_signal_writes_the_state_after_the_step_in_progress_and_the_rerun_is_exact(pipeline, edm2_root, tmp_path, signum):
+    """A cluster's preemption warning (SIGUSR1) or SIGTERM in the middle of a checkpoint interval: the step in progress
+    finishes, the training state is written, exit status 75; rerunning the command ends with the uninterrupted run's
+    weights bit for bit. No finished step is lost (stats.jsonl has a row per step: --status is one batch)."""
+    import signal
+    import time
+    from ddo_patch.preemption import EXIT_INTERRUPTED
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'signalled')
+    args[args.index('--slice') + 1] = '0'
+    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=subprocess_env(edm2_root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and sum('Loss/loss' in row for row in
+                                                                 (read_stats(out) if os.path.isfile(os.path.join(out, 'stats.jsonl')) else [])) < 4:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signum))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, output[-3000:]
+    assert f'{signum} received: finishing this step' in output
+    steps = [row for row in read_stats(out) if 'Loss/loss' in row]
+    assert all(row['Faults/nonfinite_steps'] == 0 for row in steps)
+    states = sorted(name for name in os.listdir(out) if name.startswith('training-state-'))
+    state = torch.load(os.path.join(out, states[-1]), map_location='cpu', weights_only=False)
+    assert 4 * BATCH <= state['state']['cur_nimg'] < 2048 and state['state']['cur_nimg'] == BATCH * len(steps)
+    assert state['loss_fn'] == {'fake_nimg': state['state']['cur_nimg']} and not any(n.endswith('.tmp') for n in os.listdir(out))
+    run(args, edm2_root, tmp_path)
+    assert_same_final_weights(out, pipeline['ddo'])
+
+
+def test_nonfinite_gradients_are_counted_and_too_many_in_a_row_stop_the_run(pipeline, edm2_root, tmp_path):
+    """alpha = 1e39 makes every loss infinite: upstream zeroes the gradients, the steps are counted in stats.jsonl
+    (Faults/nonfinite_steps), and the third in a row with --max-nonfinite 2 stops the run with one line."""
+    args = list(pipeline['train_args'])
+    args[args.index('--outdir') + 1] = out = str(tmp_path / 'nan')
+    args[args.index('--ddo-alpha') + 1] = '1e39'
+    proc = run(args + ['--max-nonfinite', '2'], edm2_root, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines()[-1] == ('error: 3 consecutive steps had non-finite gradients (upstream zeroed them; '
+                                                    'the last ended at 0.048 kimg); the run diverged: lower --lr (or raise --max-nonfinite)')
+    assert [row['Faults/nonfinite_steps'] for row in read_stats(out) if 'Loss/loss' in row] == [1, 1]
+
+
 def assert_same_final_weights(run_dir, other_dir):
     """The kimg-2 snapshots of two runs hold the same EMA weights, bit for bit."""
     name = 'network-snapshot-0000002-0.050.pkl'

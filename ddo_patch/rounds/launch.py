@@ -112,9 +112,16 @@ def _write_status(workdir, job, exit_status, reason=None):
                         dict(exit_status=exit_status, wall_seconds=0, interruptions=interruptions, reason=reason))
 
 
-def outcome(status) -> str:
-    """How a job ended, in words: its exit status, or why it has none."""
-    return status.get('reason') or f'exit status {status["exit_status"]}'
+def outcome(status, workdir=None, job=None) -> str:
+    """How a job ended, in words: its exit status, or why it has none; with the job, the last one-line error its log
+    ends with (every entry point reports bad input or a diverged run as `error: ...`), first."""
+    ended = status.get('reason') or f'exit status {status["exit_status"]}'
+    log = os.path.join(workdir, job.file('log')) if job is not None else None
+    if status['exit_status'] == 0 or log is None or not os.path.isfile(log):
+        return ended
+    with open(log, errors='replace') as f:
+        errors = [line[len('error: '):].strip() for line in f.readlines()[-50:] if line.startswith('error: ')]
+    return f'{errors[-1]}; {ended}' if errors else ended
 
 
 def forget(workdir, job) -> None:

@@ -74,7 +74,7 @@ def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, 
                   exit_status=status['exit_status'], wall_seconds=status['wall_seconds'],
                   interruptions=status.get('interruptions', 0), evaluations=[], best=None)
     result = backend.collect(os.path.join(workdir, run_dir)) if status['exit_status'] == 0 else \
-        dict(evaluations=[], error=f'{outcome(status)} (log: {job.file("log")})')
+        dict(evaluations=[], error=f'{outcome(status, workdir, job)} (log: {job.file("log")})')
     bad = [e for e in result['evaluations'] if not math.isfinite(e['score'])]
     error = result['error'] or (f'non-finite {backend.metric_label()} at step {bad[0]["step"]}' if bad else None)
     record.update(status='failed' if error else 'done', error=error)
