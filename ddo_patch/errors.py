@@ -9,6 +9,7 @@ class DDOPatchError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 75   # EX_TEMPFAIL of sysexits.h: interrupted by a signal and checkpointed; rerun the same command to resume
 
 
 def exit_on_user_error(fn):

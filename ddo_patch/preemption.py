@@ -14,7 +14,8 @@ import signal
 import torch
 import torch.distributed as tdist
 
-EXIT_INTERRUPTED = 75     # EX_TEMPFAIL of sysexits.h: interrupted and checkpointed; rerun the same command to resume
+from ddo_patch.errors import EXIT_INTERRUPTED
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -20,6 +20,7 @@ FAKE_SBATCH = textwrap.dedent('''\
     id=$(( $(cat "$dir/next_id" 2>/dev/null || echo 100) + 1 ))
     echo $id > "$dir/next_id"
     echo "$id ${@: -1}" >> "$dir/submitted"
+    echo "$id $*" >> "$dir/options"
     echo $id >> "$dir/queued"
     echo "$id;fakecluster"
 ''')

@@ -56,6 +56,7 @@ def edm2_config(files, **changes):
     (dict(run__eval_every='1000'), 'multiple of 1024'),
     (dict(run__duration='3Ki', run__eval_every='2Ki'), 'must be a multiple of run.eval_every'),
     (dict(launcher__kind='kubernetes'), 'unknown launcher.kind'),
+    (dict(launcher__kind='slurm', launcher__signal_lead=-60), 'launcher.signal_lead must be an integer >= 0, got -60'),
     (dict(launcher__kind='slurm', launcher__template='#!/bin/bash\n'), 'must contain {{commands}}'),
     (dict(data='${NO_SUCH_VARIABLE_HERE}/x.zip'), '${NO_SUCH_VARIABLE_HERE}, which is not set'),
     (dict(reference_samples__first_seed=49000), 'evaluate.seeds and the reference samples of rounds 1-2 share seed 49000'),
@@ -195,6 +196,10 @@ def test_slurm_scripts_submission_resubmission_and_read_back(files, tmp_path, mo
     assert [line.split()[1] for line in submitted()[2:]] == [str(workdir / 'round01' / f'a{a}_b0.05.sh') for a in (1, 2, 3)]
     train = (workdir / 'round01' / 'a2_b0.05.sh').read_text()
     assert "[ ! -e round01/a2_b0.05/training-state-0000002.pt ]; then" in train
+    # warned 300 s before its end (the default lead), the job passes the warning on to its steps and requeues itself
+    assert all('--signal=B:USR1@300 ' in line for line in (state / 'options').read_text().splitlines())
+    assert 'trap \'warned=1 signalled=1; scancel --signal=TERM "$SLURM_JOB_ID"\' USR1' in train
+    assert '--skip-initial &\n  child=$!\n' in train and 'then scontrol requeue "$SLURM_JOB_ID"; fi' in train
     assert '-m edm2_ext.train --outdir round01/a2_b0.05' in train and '--ddo-alpha 2 --ddo-beta 0.05 --round 1' in train
     assert '-m edm2_ext.evaluate --net round01/a2_b0.05' in train and train.rstrip().count('--skip-initial') == 1
 

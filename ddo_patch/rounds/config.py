@@ -64,6 +64,9 @@ CHANGEABLE = ('rounds', 'stop', 'launcher')
 _TEMPLATE_FIELD = re.compile(r'\{\{(\w+)\}\}')
 TEMPLATE_FIELDS = ('job_name', 'nodes', 'nproc_per_node', 'log', 'commands')
 DEFAULT_TEMPLATE = '#!/bin/bash\n{{commands}}\n'
+# Seconds before a SLURM job's time limit (or a preemption) at which it is warned (sbatch --signal=B:USR1@lead): enough
+# for the step in progress and a checkpoint write of a paper-size model; 0: no warning.
+DEFAULT_SIGNAL_LEAD = 300
 
 
 @dataclasses.dataclass
@@ -190,15 +193,15 @@ def _size(path, where, value):
 
 
 def _launcher(path, raw):
-    _known(path, raw, 'launcher', ('kind', 'nodes', 'nproc_per_node', 'env', 'template', 'poll_seconds'))
+    _known(path, raw, 'launcher', ('kind', 'nodes', 'nproc_per_node', 'env', 'template', 'poll_seconds', 'signal_lead'))
     launcher = dict(kind=raw.get('kind', 'local'), nodes=raw.get('nodes', 1), nproc_per_node=raw.get('nproc_per_node', 1),
                     env={str(k): str(v) for k, v in raw.get('env', {}).items()}, template=raw.get('template', DEFAULT_TEMPLATE),
-                    poll_seconds=raw.get('poll_seconds', 60))
+                    poll_seconds=raw.get('poll_seconds', 60), signal_lead=raw.get('signal_lead', DEFAULT_SIGNAL_LEAD))
     if launcher['kind'] not in LAUNCHERS:
         _fail(path, f'unknown launcher.kind "{launcher["kind"]}"; choose one of {", ".join(LAUNCHERS)}')
-    for key in ('nodes', 'nproc_per_node'):
-        if not isinstance(launcher[key], int) or isinstance(launcher[key], bool) or launcher[key] < 1:
-            _fail(path, f'launcher.{key} must be an integer >= 1, got {launcher[key]!r}')
+    for key, least in (('nodes', 1), ('nproc_per_node', 1), ('signal_lead', 0)):
+        if not isinstance(launcher[key], int) or isinstance(launcher[key], bool) or launcher[key] < least:
+            _fail(path, f'launcher.{key} must be an integer >= {least}, got {launcher[key]!r}')
     if launcher['kind'] == 'local' and launcher['nodes'] != 1:
         _fail(path, 'launcher.nodes > 1 needs launcher.kind = "slurm" (the local launcher runs on this node)')
     _number(path, 'launcher.poll_seconds', launcher['poll_seconds'], 0, open_min=True)

@@ -31,7 +31,7 @@ import time
 
 import psutil
 
-from ddo_patch.errors import DDOPatchError
+from ddo_patch.errors import EXIT_INTERRUPTED, DDOPatchError
 from ddo_patch.rounds import manifest
 from ddo_patch.rounds.backend import Command
 
@@ -73,6 +73,16 @@ def command_line(launcher, command: Command) -> str:
     return f'{launch_prefix(launcher)} -m {command.module} {shlex.join(str(a) for a in command.args)}'
 
 
+# A SLURM job script's signal handling. The warning the launcher asks for (sbatch --signal=B:USR1@lead) and a SIGTERM
+# reach the batch shell; it passes them on to the job steps as SIGTERM (torchrun passes SIGTERM on to its workers,
+# while SIGUSR1 would end it): the training processes finish the step in progress, write their state and exit with
+# 75. After the warning the job requeues itself and resumes; after a SIGTERM alone Slurm decides what follows (its
+# own requeue, a resubmission by the manager after a time limit, or a cancellation, recorded as failed).
+SIGNAL_FORWARDING = ['warned=0 signalled=0',
+                     'trap \'warned=1 signalled=1; scancel --signal=TERM "$SLURM_JOB_ID"\' USR1',
+                     'trap \'signalled=1; scancel --signal=TERM "$SLURM_JOB_ID"\' TERM']
+
+
 def job_script(workdir, launcher: dict, job: Job) -> str:
     status, tmp = shlex.quote(job.file('status')), shlex.quote(job.file('status') + '.tmp')
     starts = shlex.quote(job.file('starts'))
@@ -83,9 +93,19 @@ def job_script(workdir, launcher: dict, job: Job) -> str:
                   'rdzv_port=$((29500 + SLURM_JOB_ID % 10000))   # two jobs on one node must not share a port']
     lines += [f'echo "$(date -u +%FT%TZ) job ${{SLURM_JOB_ID:-local}} restart ${{SLURM_RESTART_COUNT:-0}}" >> {starts}',
               'start=$SECONDS', 'rc=0']
+    slurm = launcher['kind'] == 'slurm'
+    if slurm:
+        lines += SIGNAL_FORWARDING
     for command in job.commands:
         skip = f' && [ ! -e {shlex.quote(command.done_if)} ]' if command.done_if else ''
-        lines += [f'if [ $rc -eq 0 ]{skip}; then', f'  {command_line(launcher, command)}', '  rc=$?', 'fi']
+        if slurm:   # in the background: bash runs a trap only between commands, and `wait` returns for it
+            lines += [f'if [ $rc -eq 0 ]{skip}; then', f'  {command_line(launcher, command)} &', '  child=$!',
+                      '  while :; do wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null || break; done', 'fi']
+        else:
+            lines += [f'if [ $rc -eq 0 ]{skip}; then', f'  {command_line(launcher, command)}', '  rc=$?', 'fi']
+    if slurm:   # stopped by a signal: no status (the job is not over); after the warning it requeues itself
+        lines += ['if [ $signalled -eq 1 ] && [ $rc -ne 0 ]; then',
+                  '  if [ $warned -eq 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi', '  exit $rc', 'fi']
     lines += [(f'printf \'{{"exit_status": %d, "wall_seconds": %d, "interruptions": %d}}\\n\' "$rc" "$((SECONDS - start))" '
                f'"$(($(wc -l < {starts}) - 1))" > {tmp} && mv {tmp} {status}'),
               'exit $rc']
@@ -206,9 +226,10 @@ class SlurmLauncher:
     def _submit(self, job):
         script = _write_script(self.workdir, self.launcher, job)
         log = os.path.abspath(os.path.join(self.workdir, job.file('log')))
+        warning = [f'--signal=B:USR1@{self.launcher["signal_lead"]}'] if self.launcher['signal_lead'] else []
         proc = subprocess.run(['sbatch', '--parsable', f'--output={log}', '--open-mode=append', '--requeue',
-                               f'--nodes={self.launcher["nodes"]}', script], cwd=self.workdir, capture_output=True, text=True,
-                              check=False)
+                               f'--nodes={self.launcher["nodes"]}', *warning, script], cwd=self.workdir, capture_output=True,
+                              text=True, check=False)
         if proc.returncode != 0:
             raise DDOPatchError(f'sbatch {script} failed: {_last_line(proc.stderr)}')
         job_id = proc.stdout.strip().split(';')[0]
@@ -245,7 +266,12 @@ class SlurmLauncher:
                 if status is None and state in SLURM_FAILED:
                     _write_status(self.workdir, job, None, f'SLURM job {job_id} {state} before writing its status')
                     status = read_status(self.workdir, job)
-                if status is not None:
+                if status is not None and status['exit_status'] == EXIT_INTERRUPTED:   # its steps alone were signalled
+                    print(f'{job.name} was interrupted and wrote its state (exit status {EXIT_INTERRUPTED}); submitting it again',
+                          flush=True)
+                    os.remove(os.path.join(self.workdir, job.file('status')))
+                    self._submit(job)
+                elif status is not None:
                     pending.remove(job)
                     on_done(job)
                 elif states is not None and state not in SLURM_ACTIVE:   # never submitted, lost, or out of time
