@@ -246,6 +246,30 @@ def test_a_signal_checkpoints_every_finished_iteration_and_the_resumed_run_is_ex
     assert [json.loads(line)['iteration'] for line in log.read_text().splitlines()] == list(range(1, 81))
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(files, tmp_path, var_root, free_port):
+    """Two ranks under torchrun, SIGUSR1 to rank 1 alone: both leave after the same iteration (the state rank 0 writes
+    counts every logged iteration), with status 75, instead of rank 0 waiting in an all-reduce that never comes."""
+    import psutil
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    out = tmp_path / 'ddp'
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port}',
+                             '-m', 'var_ext.train', *argv(files, out, '--iterations', '200', '--eval-every', '200',
+                                                          '--var-root', str(var_root))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get('RANK') == '1']
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and 'exitcode  : 75' in output, output[-3000:]
+    saved = torch.load(out / 'training-state.pth', weights_only=False)['iteration']
+    assert 3 <= saved < 200 and saved == len(log.read_text().splitlines())
+
+
 def test_nonfinite_steps_are_counted_and_too_many_in_a_row_stop_the_run(files, tmp_path, capsys, monkeypatch):
     """A loss forced to NaN makes every step non-finite: each is counted in log.jsonl, and the (max + 1)-th in a row
     stops the run with one line, before a NaN state is written."""
