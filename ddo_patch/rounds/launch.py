@@ -11,8 +11,10 @@ Every start of a job adds a line to `<job>.starts`, so the status also says how 
 
 On SLURM (tested against Slurm 22.05, tests/test_rounds_slurm.py) the launcher itself chooses what the
 manager depends on: the log path (`--output`, appended to, so that a requeued job keeps its first
-attempt's log), `--requeue` (preemption puts the job back in the queue under the same id) and `--nodes`
-(what torchrun is told). A job that ends without writing its status is told apart by its state in
+attempt's log), `--requeue` (preemption puts the job back in the queue under the same id), `--nodes`
+(what torchrun is told) and `--signal=B:USR1@<signal_lead>` (a warning before the time limit or a preemption,
+which the job passes on to its training processes before it requeues itself: `SIGNAL_FORWARDING`); a job
+whose training processes alone were signalled writes status 75 and is submitted again. A job that ends without writing its status is told apart by its state in
 `squeue -t all`: cancelled or failed (someone's decision or a fault that recurs) is recorded as failed,
 with the log path; out of time, preempted without requeue, node failure, or no longer listed (Slurm forgets
 ended jobs after MinJobAge) is submitted again and resumes.
