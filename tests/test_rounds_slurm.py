@@ -2,9 +2,9 @@
 slurmctld and slurmd for this module and stops them after it; skipped, with the reason, where Slurm is not
 installed: `apt-get install -y slurm-wlm munge`). On the tiny EDM2 world: a round on SLURM ends with the local
 launcher's manifest although one point is requeued mid-training (it resumes from its checkpoint, and the
-manifest counts the interruption); preemption by signal: a point warned mid-interval requeues itself, one at its
-time limit too, one whose steps get SIGTERM is submitted again, each training every step exactly once (and a VAR
-point, which ends with the uninterrupted run's weights); two processes per job under srun + torch.distributed.run (gloo). On the
+manifest counts the interruption); preemption by signal: a point warned mid-interval requeues itself, one whose
+steps get SIGTERM is submitted again, an EDM2 and a VAR point at their time limit requeue themselves, each training
+every step exactly once, and a warned VAR point ends with the uninterrupted run's weights; two processes per job under srun + torch.distributed.run (gloo). On the
 scripted backend (fast): a cancelled and a failing job are recorded failed with their logs while the round
 goes on; a cron-style manager (`--no-wait`) finishes the round over several calls, after Slurm has forgotten
 the jobs; halving submits nothing more for a stopped point. Time: 5 min in all on 2 CPU cores shared with other
@@ -147,112 +147,113 @@ def test_a_round_on_slurm_matches_the_local_one_and_a_requeued_point_resumes(wor
     assert 'DUE TO JOB REQUEUE' in point_log
 
 
-def test_an_early_warning_checkpoints_requeues_and_resumes_without_losing_a_step(world, cluster, local_round):
-    """Slurm's warning before a time limit or a preemption (`--signal=B:USR1@lead`; here sent by hand to the batch
-    shell, mid-interval): the job passes it on to the training process, which finishes its step, writes its state and
-    exits 75; the job requeues itself and resumes there. Every 32-image step is trained exactly once (stats.jsonl
-    has a row per step), and the round ends with the local launcher's manifest."""
-    workdir, log = world['root'] / 'slurm-warned', world['root'] / 'slurm-warned.log'
-    args = manager(world, variant(world, 'slurm-warned.toml', **ONE_ROUND, **on_slurm()), workdir)
+def test_a_warned_and_a_terminated_point_resume_without_losing_a_step(world, cluster, local_round):
+    """Mid-interval, a1 gets Slurm's warning (`--signal=B:USR1@lead`; here sent by hand to its batch shell) and a4 a
+    SIGTERM to its steps alone. a1's job passes the warning on to the training process, which finishes its step,
+    writes its state and exits 75, and requeues itself; a4's process does the same, its job writes status 75, and the
+    manager submits it again. Both resume where they stopped: every 32-image step is trained exactly once (stats.jsonl
+    has a row per step), each counts one interruption, and the round ends with the local launcher's manifest."""
+    workdir, log = world['root'] / 'slurm-signalled', world['root'] / 'slurm-signalled.log'
+    args = manager(world, variant(world, 'slurm-signalled.toml', **ONE_ROUND, **on_slurm()), workdir)
     env = dict(world['env'], SLURM_CONF=cluster['SLURM_CONF'])
     with open(log, 'w') as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-    run = workdir / 'round01' / 'a1_b0.05'
 
-    def trained(kimg):
-        stats = run / 'stats.jsonl'
-        return stats.exists() and any(json.loads(line)['Progress/kimg'] >= kimg for line in stats.read_text().splitlines())
-    wait_for(lambda: trained(0.2), 'a1 to train a few steps')
-    assert not trained(1.0), 'a1 reached its checkpoint before it could be warned'
-    point = job_id(workdir, 'a1_b0.05')
-    slurm(env, 'scancel', '--signal=USR1', '--batch', point)
+    def stats(name):
+        path = workdir / 'round01' / name / 'stats.jsonl'
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def trained(name, kimg):
+        return any(row['Progress/kimg'] >= kimg for row in stats(name))
+    wait_for(lambda: trained('a1_b0.05', 0.2) and trained('a4_b0.05', 0.2), 'both points to train a few steps')
+    assert not trained('a1_b0.05', 1.0) and not trained('a4_b0.05', 1.0), 'a point reached its checkpoint before the signal'
+    warned, terminated = job_id(workdir, 'a1_b0.05'), job_id(workdir, 'a4_b0.05')
+    slurm(env, 'scancel', '--signal=USR1', '--batch', warned)
+    slurm(env, 'scancel', '--signal=TERM', terminated)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
     m = read_manifest(workdir)
     assert m['status'] == 'done' and comparable(m, LAUNCHER_KEYS) == comparable(local_round, LAUNCHER_KEYS)
     runs = {r['name']: r for r in m['rounds'][0]['runs']}
-    assert (runs['a1_b0.05']['interruptions'], runs['a4_b0.05']['interruptions']) == (1, 0)
-    assert job_id(workdir, 'a1_b0.05') == point   # requeued by itself, not submitted again
-    point_log = (workdir / 'round01' / 'a1_b0.05.log').read_text()
-    assert 'SIGTERM received: finishing this step' in point_log
-    steps = [round(json.loads(line)['Progress/kimg'] * 1000) for line in (run / 'stats.jsonl').read_text().splitlines()
-             if 'Loss/loss' in line]
-    assert steps == list(range(32, 2049, 32))   # no step lost, none repeated
+    assert runs['a1_b0.05']['interruptions'] == runs['a4_b0.05']['interruptions'] == 1
+    assert job_id(workdir, 'a1_b0.05') == warned and job_id(workdir, 'a4_b0.05') != terminated   # requeued; submitted again
+    assert 'a4_b0.05 was interrupted and wrote its state (exit status 75); submitting it again' in log.read_text()
+    for name in ('a1_b0.05', 'a4_b0.05'):
+        assert 'SIGTERM received: finishing this step' in (workdir / 'round01' / f'{name}.log').read_text()
+        steps = [round(row['Progress/kimg'] * 1000) for row in stats(name) if 'Loss/loss' in row]
+        assert steps == list(range(32, 2049, 32))   # no step lost, none repeated
 
 
-def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_before_it(world, cluster):
-    """A two-minute --time with signal_lead = 40 for a point that trains for longer: Slurm warns the job 40-70 s
-    before its limit (its timer runs every ~30 s), the point checkpoints and requeues itself; it is never killed by
-    the limit (not submitted again), and every step is trained once."""
+def test_jobs_at_their_time_limit_checkpoint_and_requeue_themselves_before_it(world, var_root, cluster, tmp_path):
+    """A two-minute --time with signal_lead = 40, an EDM2 and a VAR point side by side that each train for longer:
+    Slurm warns each job 40-70 s before its limit (its timer runs every ~30 s); it checkpoints and requeues itself,
+    is never killed by the limit (not submitted again), and trains every step once."""
     limited = TEMPLATE.replace('#SBATCH --time=10', '#SBATCH --time=2')
-    workdir, log = world['root'] / 'slurm-limit', world['root'] / 'slurm-limit.log'
-    config = variant(world, 'slurm-limit.toml', **{**ONE_ROUND, 'duration = "1Ki"': 'duration = "32Ki"', 'eval_every = "1Ki"': 'eval_every = "32Ki"'},
-                     **NO_CONTROL, **{'alpha = [1, 4]': 'alpha = [1]'},
-                     **{'kind = "local"': f'kind = "slurm"\npoll_seconds = 0.5\nsignal_lead = 40\ntemplate = {json.dumps(limited)}'})
-    env = dict(world['env'], SLURM_CONF=cluster['SLURM_CONF'])
-    with open(log, 'w') as out:
-        assert subprocess.run(manager(world, config, workdir), env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode == 0
-    point = read_manifest(workdir)['rounds'][0]['runs'][0]
-    assert point['status'] == 'done' and point['interruptions'] >= 1 and 'submitting it again' not in log.read_text()
-    starts = (workdir / 'round01' / 'a1_b0.05.starts').read_text().splitlines()
-    assert len({line.split()[2] for line in starts}) == 1 and len(starts) == point['interruptions'] + 1   # one job, requeued
-    run = workdir / 'round01' / 'a1_b0.05'
-    steps = [round(json.loads(line)['Progress/kimg'] * 1000) for line in (run / 'stats.jsonl').read_text().splitlines()
-             if 'Loss/loss' in line]
+    on_limited_slurm = dict(kind='slurm', poll_seconds=0.5, signal_lead=40, template=limited)
+    edm2_workdir, var_workdir = world['root'] / 'slurm-limit', tmp_path / 'slurm-limit'
+    edm2_config = variant(world, 'slurm-limit.toml', **{**ONE_ROUND, 'duration = "1Ki"': 'duration = "32Ki"',
+                                                       'eval_every = "1Ki"': 'eval_every = "32Ki"'},
+                          **NO_CONTROL, **{'alpha = [1, 4]': 'alpha = [1]'},
+                          **{'kind = "local"': '\n'.join(f'{k} = {json.dumps(v)}' for k, v in on_limited_slurm.items())})
+    var = var_world(var_root, cluster, tmp_path)
+    managers = [subprocess.Popen(manager(world, edm2_config, edm2_workdir), env=dict(world['env'], SLURM_CONF=cluster['SLURM_CONF']),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                subprocess.Popen(rounds_command(var_config(var, 'limit', 2500, **on_limited_slurm), var_workdir), env=var['env'],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in managers]
+    assert [proc.returncode for proc in managers] == [0, 0], '\n'.join(output[-2000:] for output in outputs)
+    for workdir, name, output in ((edm2_workdir, 'a1_b0.05', outputs[0]), (var_workdir, 'a10_b0.02', outputs[1])):
+        point = read_manifest(workdir)['rounds'][0]['runs'][0]
+        assert point['status'] == 'done' and point['interruptions'] >= 1 and 'submitting it again' not in output
+        starts = (workdir / 'round01' / f'{name}.starts').read_text().splitlines()
+        assert len({line.split()[2] for line in starts}) == 1 and len(starts) == point['interruptions'] + 1   # one job, requeued
+    steps = [round(json.loads(line)['Progress/kimg'] * 1000) for line in
+             (edm2_workdir / 'round01' / 'a1_b0.05' / 'stats.jsonl').read_text().splitlines() if 'Loss/loss' in line]
     assert steps == list(range(32, 32 * 1024 + 1, 32))
+    iterations = [json.loads(line)['iteration'] for line in
+                  (var_workdir / 'round01' / 'a10_b0.02' / 'log.jsonl').read_text().splitlines()]
+    assert iterations == list(range(1, 2501))
 
 
-def test_a_sigterm_alone_also_saves_and_the_manager_submits_the_point_again(world, cluster):
-    """SIGTERM to the training process without a warning to the job (here to the job's steps only): it saves and exits
-    75, the job writes that status, and the manager submits the point again, which resumes: an interruption, not a
-    failure, every step trained once."""
-    workdir = world['root'] / 'slurm-term'
-    args = manager(world, variant(world, 'slurm-term.toml', **ONE_ROUND, **NO_CONTROL, **{'alpha = [1, 4]': 'alpha = [1]'},
-                                  **on_slurm()), workdir)
-    env = dict(world['env'], SLURM_CONF=cluster['SLURM_CONF'])
-    with open(world['root'] / 'slurm-term.log', 'w') as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-    run = workdir / 'round01' / 'a1_b0.05'
-    wait_for(lambda: (run / 'stats.jsonl').exists() and len((run / 'stats.jsonl').read_text().splitlines()) > 6, 'a few steps')
-    first = job_id(workdir, 'a1_b0.05')
-    slurm(env, 'scancel', '--signal=TERM', first)
-    assert proc.wait(timeout=300) == 0, (world['root'] / 'slurm-term.log').read_text()[-3000:]
-    point = read_manifest(workdir)['rounds'][0]['runs'][0]
-    assert point['status'] == 'done' and point['interruptions'] == 1 and job_id(workdir, 'a1_b0.05') != first
-    assert 'a1_b0.05 was interrupted and wrote its state (exit status 75); submitting it again' in \
-        (world['root'] / 'slurm-term.log').read_text()
-    steps = [round(json.loads(line)['Progress/kimg'] * 1000) for line in (run / 'stats.jsonl').read_text().splitlines()
-             if 'Loss/loss' in line]
-    assert steps == list(range(32, 2049, 32))
+def var_world(var_root, cluster, tmp_path):
+    """The tiny VQVAE + VAR of var_tiny, and the environment of a manager that runs var_ext.train on the cluster."""
+    from var_tiny import tiny_checkpoints
+    vae, ckpt = tiny_checkpoints(str(tmp_path))
+    env = dict(os.environ, SLURM_CONF=cluster['SLURM_CONF'], VAR_ROOT=str(var_root),
+               PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')])))
+    return dict(root=tmp_path, vae=vae, ckpt=ckpt, env=env)
+
+
+def var_config(world, name, iterations, **launcher):
+    """One round, one point of `iterations` iterations of 8 tokenised samples, evaluated at its end."""
+    return write_config(world['root'] / f'{name}.toml', dict(backend='var_ext.rounds_backend.RoundsBackend', rounds=1,
+                                                              pretrained=world['ckpt']), dict(
+        run=dict(duration=iterations, eval_every=iterations), sweep=dict(alpha=[10], beta=[0.02]),
+        train=dict(depth=2, vae=world['vae'], patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,
+                   dataset='var_tiny:token_dataset', workers=0, global_batch=8, lr=1e-3),
+        evaluate=dict(metric='var_tiny:brightness', samples=10, cfg=[0], select_cfg=0),
+        launcher=dict(env={'OMP_NUM_THREADS': '1'}, **launcher)))
+
+
+def rounds_command(config, workdir):
+    return [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', str(config), '--workdir', str(workdir)]
 
 
 def test_a_var_point_warned_mid_run_requeues_and_ends_with_the_uninterrupted_weights(var_root, cluster, tmp_path):
     """The same for var_ext.train: warned after a few of its 160 iterations, the job requeues itself; every iteration
     is trained once and the last checkpoint equals an uninterrupted local run's."""
     import torch
-    from var_tiny import tiny_checkpoints
-    vae, ckpt = tiny_checkpoints(str(tmp_path))
-    env = dict(os.environ, SLURM_CONF=cluster['SLURM_CONF'], VAR_ROOT=str(var_root),
-               PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')])))
-
-    def config(name, **launcher):
-        return write_config(tmp_path / f'{name}.toml', dict(backend='var_ext.rounds_backend.RoundsBackend', rounds=1, pretrained=ckpt), dict(
-            run=dict(duration=160, eval_every=160), sweep=dict(alpha=[10], beta=[0.02]),
-            train=dict(depth=2, vae=vae, patch_nums='1_2_3_4', num_classes=10, vae_vocab=64, vae_ch=32, vae_z=8,
-                       dataset='var_tiny:token_dataset', workers=0, global_batch=8, lr=1e-3),
-            evaluate=dict(metric='var_tiny:brightness', samples=10, cfg=[0], select_cfg=0),
-            launcher=dict(env={'OMP_NUM_THREADS': '1'}, **launcher)))
+    var = var_world(var_root, cluster, tmp_path)
     local = tmp_path / 'local'
-    subprocess.run([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config('local', kind='local'), '--workdir', str(local)],
-                   env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(rounds_command(var_config(var, 'local', 160, kind='local'), local), env=var['env'], check=True,
+                   capture_output=True, timeout=600)
     workdir = tmp_path / 'warned'
     with open(tmp_path / 'warned.log', 'w') as out:
-        proc = subprocess.Popen([sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run',
-                                 config('warned', kind='slurm', poll_seconds=0.5, template=TEMPLATE), '--workdir', str(workdir)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(rounds_command(var_config(var, 'warned', 160, kind='slurm', poll_seconds=0.5, template=TEMPLATE),
+                                               workdir), env=var['env'], stdout=out, stderr=subprocess.STDOUT)
     log = workdir / 'round01' / 'a10_b0.02' / 'log.jsonl'
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 10, 'ten iterations')
-    slurm(env, 'scancel', '--signal=USR1', '--batch', job_id(workdir, 'a10_b0.02'))
+    slurm(var['env'], 'scancel', '--signal=USR1', '--batch', job_id(workdir, 'a10_b0.02'))
     assert proc.wait(timeout=300) == 0, (tmp_path / 'warned.log').read_text()[-3000:]
     point = read_manifest(workdir)['rounds'][0]['runs'][0]
     assert point['status'] == 'done' and point['interruptions'] == 1
