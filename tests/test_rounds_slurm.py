@@ -3,8 +3,8 @@ slurmctld and slurmd for this module and stops them after it; skipped, with the 
 installed: `apt-get install -y slurm-wlm munge`). On the tiny EDM2 world: a round on SLURM ends with the local
 launcher's manifest although one point is requeued mid-training (it resumes from its checkpoint, and the
 manifest counts the interruption); preemption by signal: a point warned mid-interval requeues itself, one whose
-steps get SIGTERM is submitted again, an EDM2 and a VAR point at their time limit requeue themselves, each training
-every step exactly once, and a warned VAR point ends with the uninterrupted run's weights; two processes per job under srun + torch.distributed.run (gloo). On the
+steps get SIGTERM is submitted again, a point at its time limit requeues itself, each training every step exactly
+once, and a warned VAR point ends with the uninterrupted run's weights; two processes per job under srun + torch.distributed.run (gloo). On the
 scripted backend (fast): a cancelled and a failing job are recorded failed with their logs while the round
 goes on; a cron-style manager (`--no-wait`) finishes the round over several calls, after Slurm has forgotten
 the jobs; halving submits nothing more for a stopped point. Time: 5 min in all on 2 CPU cores shared with other
@@ -184,35 +184,26 @@ def test_a_warned_and_a_terminated_point_resume_without_losing_a_step(world, clu
         assert steps == list(range(32, 2049, 32))   # no step lost, none repeated
 
 
-def test_jobs_at_their_time_limit_checkpoint_and_requeue_themselves_before_it(world, var_root, cluster, tmp_path):
-    """A two-minute --time with signal_lead = 40, an EDM2 and a VAR point side by side that each train for longer:
-    Slurm warns each job 40-70 s before its limit (its timer runs every ~30 s); it checkpoints and requeues itself,
-    is never killed by the limit (not submitted again), and trains every step once."""
+def test_a_job_at_its_time_limit_checkpoints_and_requeues_itself_before_it(world, cluster):
+    """A two-minute --time with signal_lead = 40 for a point that trains for longer: Slurm warns the job 40-70 s
+    before its limit (its timer runs every ~30 s), the point checkpoints and requeues itself; it is never killed by
+    the limit (not submitted again), and every step is trained once. (EDM2's point: its step-boundary hooks are the
+    subtler of the two adapters'; the job script is the same for VAR, warned on the cluster by hand below.)"""
     limited = TEMPLATE.replace('#SBATCH --time=10', '#SBATCH --time=2')
-    on_limited_slurm = dict(kind='slurm', poll_seconds=0.5, signal_lead=40, template=limited)
-    edm2_workdir, var_workdir = world['root'] / 'slurm-limit', tmp_path / 'slurm-limit'
-    edm2_config = variant(world, 'slurm-limit.toml', **{**ONE_ROUND, 'duration = "1Ki"': 'duration = "32Ki"',
-                                                       'eval_every = "1Ki"': 'eval_every = "32Ki"'},
-                          **NO_CONTROL, **{'alpha = [1, 4]': 'alpha = [1]'},
-                          **{'kind = "local"': '\n'.join(f'{k} = {json.dumps(v)}' for k, v in on_limited_slurm.items())})
-    var = var_world(var_root, cluster, tmp_path)
-    managers = [subprocess.Popen(manager(world, edm2_config, edm2_workdir), env=dict(world['env'], SLURM_CONF=cluster['SLURM_CONF']),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-                subprocess.Popen(rounds_command(var_config(var, 'limit', 2500, **on_limited_slurm), var_workdir), env=var['env'],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    outputs = [proc.communicate(timeout=600)[0] for proc in managers]
-    assert [proc.returncode for proc in managers] == [0, 0], '\n'.join(output[-2000:] for output in outputs)
-    for workdir, name, output in ((edm2_workdir, 'a1_b0.05', outputs[0]), (var_workdir, 'a10_b0.02', outputs[1])):
-        point = read_manifest(workdir)['rounds'][0]['runs'][0]
-        assert point['status'] == 'done' and point['interruptions'] >= 1 and 'submitting it again' not in output
-        starts = (workdir / 'round01' / f'{name}.starts').read_text().splitlines()
-        assert len({line.split()[2] for line in starts}) == 1 and len(starts) == point['interruptions'] + 1   # one job, requeued
+    workdir, log = world['root'] / 'slurm-limit', world['root'] / 'slurm-limit.log'
+    config = variant(world, 'slurm-limit.toml', **{**ONE_ROUND, 'duration = "1Ki"': 'duration = "32Ki"', 'eval_every = "1Ki"': 'eval_every = "32Ki"'},
+                     **NO_CONTROL, **{'alpha = [1, 4]': 'alpha = [1]'},
+                     **{'kind = "local"': f'kind = "slurm"\npoll_seconds = 0.5\nsignal_lead = 40\ntemplate = {json.dumps(limited)}'})
+    env = dict(world['env'], SLURM_CONF=cluster['SLURM_CONF'])
+    with open(log, 'w') as out:
+        assert subprocess.run(manager(world, config, workdir), env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode == 0
+    point = read_manifest(workdir)['rounds'][0]['runs'][0]
+    assert point['status'] == 'done' and point['interruptions'] >= 1 and 'submitting it again' not in log.read_text()
+    starts = (workdir / 'round01' / 'a1_b0.05.starts').read_text().splitlines()
+    assert len({line.split()[2] for line in starts}) == 1 and len(starts) == point['interruptions'] + 1   # one job, requeued
     steps = [round(json.loads(line)['Progress/kimg'] * 1000) for line in
-             (edm2_workdir / 'round01' / 'a1_b0.05' / 'stats.jsonl').read_text().splitlines() if 'Loss/loss' in line]
+             (workdir / 'round01' / 'a1_b0.05' / 'stats.jsonl').read_text().splitlines() if 'Loss/loss' in line]
     assert steps == list(range(32, 32 * 1024 + 1, 32))
-    iterations = [json.loads(line)['iteration'] for line in
-                  (var_workdir / 'round01' / 'a10_b0.02' / 'log.jsonl').read_text().splitlines()]
-    assert iterations == list(range(1, 2501))
 
 
 def var_world(var_root, cluster, tmp_path):
