@@ -42,10 +42,8 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _receive(self, signum, frame):
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            print(f'[ddo-patch] {self.received} received: finishing this step, writing the training state, then exiting '
-                  f'with status {EXIT_INTERRUPTED} (rerun the same command to resume)', flush=True)
+        # Only the flag: printing here could re-enter a write the loop is in the middle of.
+        self.received = self.received or signal.Signals(signum).name
 
     def due(self) -> bool:
         """Called by every rank at every step boundary. Several ranks: one scalar all-reduce (max), so that a signal
@@ -55,4 +53,7 @@ class StopRequest:
             agreed = torch.tensor([float(flag)], device=self.device)
             tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
             flag = bool(agreed.item())
+        if flag and self.received:
+            print(f'[ddo-patch] {self.received} received: the step in progress is done; writing the training state, then '
+                  f'exiting with status {EXIT_INTERRUPTED} (rerun the same command to resume)', flush=True)
         return flag

@@ -163,7 +163,7 @@ def test_a_signal_writes_the_state_after_the_step_in_progress_and_the_rerun_is_e
     proc.send_signal(getattr(signal, signum))
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, output[-3000:]
-    assert f'{signum} received: finishing this step' in output
+    assert f'{signum} received: the step in progress is done' in output
     steps = [row for row in read_stats(out) if 'Loss/loss' in row]
     assert all(row['Faults/nonfinite_steps'] == 0 for row in steps)
     states = sorted(name for name in os.listdir(out) if name.startswith('training-state-'))

@@ -179,7 +179,7 @@ def test_a_warned_and_a_terminated_point_resume_without_losing_a_step(world, clu
     assert job_id(workdir, 'a1_b0.05') == warned and job_id(workdir, 'a4_b0.05') != terminated   # requeued; submitted again
     assert 'a4_b0.05 was interrupted and wrote its state (exit status 75); submitting it again' in log.read_text()
     for name in ('a1_b0.05', 'a4_b0.05'):
-        assert 'SIGTERM received: finishing this step' in (workdir / 'round01' / f'{name}.log').read_text()
+        assert 'SIGTERM received: the step in progress is done' in (workdir / 'round01' / f'{name}.log').read_text()
         steps = [round(row['Progress/kimg'] * 1000) for row in stats(name) if 'Loss/loss' in row]
         assert steps == list(range(32, 2049, 32))   # no step lost, none repeated
 

@@ -235,7 +235,7 @@ def test_a_signal_checkpoints_every_finished_iteration_and_the_resumed_run_is_ex
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, out[-2000:]
-    assert f'{signal.Signals(signum).name} received: finishing this step' in out
+    assert f'{signal.Signals(signum).name} received: the step in progress is done' in out
     saved = torch.load(tmp_path / 'split' / 'training-state.pth', weights_only=False)['iteration']
     assert 3 <= saved < 80 and saved == len(log.read_text().splitlines())   # every finished iteration kept, none lost
     assert train.main(argv(files, tmp_path / 'split', *common)) == 80
