@@ -16,6 +16,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, latest_per_step, option_args
+from ddo_patch.rounds.manifest import read_json
 from ddo_patch.seeds import parse_seeds, seed_range
 from edm2_ext import run_files
 
@@ -134,11 +135,7 @@ class RoundsBackend(Backend):
 
     @classmethod
     def _loss_kwargs(cls, run_dir) -> dict:
-        path = os.path.join(run_dir, run_files.OPTIONS)
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as f:
-            return json.load(f).get('loss_kwargs', {})
+        return read_json(os.path.join(run_dir, run_files.OPTIONS), {}).get('loss_kwargs', {})
 
     @classmethod
     def owns(cls, run_dir) -> bool:

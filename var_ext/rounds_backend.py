@@ -16,6 +16,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, json_lines, latest_per_step, option_args
+from ddo_patch.rounds.manifest import read_json
 from ddo_patch.seeds import parse_seeds
 from var_ext import run_files
 
@@ -130,23 +131,14 @@ class RoundsBackend(Backend):
         return dict(evaluations=[dict(step=it, snapshot=best_file, score=rows[it]['score'], scores=_scores(rows[it]))
                                  for it in sorted(rows)], error=None)
 
-
-    @classmethod
-    def _options(cls, run_dir) -> dict:
-        path = os.path.join(run_dir, run_files.OPTIONS)
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)
-
     @classmethod
     def owns(cls, run_dir) -> bool:
-        options = cls._options(run_dir)
+        options = read_json(os.path.join(run_dir, run_files.OPTIONS), {})
         return 'ddo_alpha' in options and 'label_drop' in options and os.path.isfile(os.path.join(run_dir, run_files.LOG))
 
     @classmethod
     def run_settings(cls, run_dir) -> dict:
-        options = cls._options(run_dir)
+        options = read_json(os.path.join(run_dir, run_files.OPTIONS), {})
         ddo = options.get('objective', 'ddo') == 'ddo'
         return dict(objective='ddo' if ddo else 'mle', alpha=options['ddo_alpha'] if ddo else None,
                     beta=options['ddo_beta'] if ddo else None)
