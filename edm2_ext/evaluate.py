@@ -18,10 +18,11 @@ import json
 import os
 
 import click
+import numpy as np
 import torch
 import tqdm
 
-from ddo_patch import upstream
+from ddo_patch import racing, upstream
 from ddo_patch.distributed import device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.files import write_atomic
@@ -54,8 +55,8 @@ def _all_reduce(x):
 
 
 @torch.no_grad()
-def sample_feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs) -> dict:
-    """{metric: (mu, sigma)} of this snapshot's class-balanced samples, over all ranks."""
+def _feature_batches(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs):
+    """(seeds, {metric: features [len(seeds), D] float64 on the CPU}) per batch of this rank's share of `seeds`."""
     from torch_utils import distributed as dist
     from training.encoders import StandardRGBEncoder
     from edm2_ext.generate import rank_batches, sample_latents, warn_if_unbalanced
@@ -65,15 +66,20 @@ def sample_feature_statistics(snapshot_path, detectors, seeds, batch, device, **
     encoder = snapshot.get('encoder') or StandardRGBEncoder()
     encoder.init(device)
     warn_if_unbalanced(seeds, net.label_dim)
-    sums = {m: [torch.zeros([d.feature_dim], dtype=torch.float64), torch.zeros([d.feature_dim] * 2, dtype=torch.float64)]
-            for m, d in detectors.items()}
     batches = rank_batches(seeds, dist.get_rank(), dist.get_world_size(), batch)
     for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=dist.get_rank() != 0, leave=False):
         images = encoder.decode(sample_latents(net, batch_seeds, device, **sampler_kwargs))
-        for metric, detector in detectors.items():
-            features = detector(images).to(torch.float64).cpu()
-            sums[metric][0] += features.sum(0)
-            sums[metric][1] += features.T @ features
+        yield batch_seeds, {metric: detector(images).to(torch.float64).cpu() for metric, detector in detectors.items()}
+
+
+def sample_feature_statistics(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs) -> dict:
+    """{metric: (mu, sigma)} of this snapshot's class-balanced samples, over all ranks."""
+    sums = {m: [torch.zeros([d.feature_dim], dtype=torch.float64), torch.zeros([d.feature_dim] * 2, dtype=torch.float64)]
+            for m, d in detectors.items()}
+    for _, features in _feature_batches(snapshot_path, detectors, seeds, batch, device, **sampler_kwargs):
+        for metric, x in features.items():
+            sums[metric][0] += x.sum(0)
+            sums[metric][1] += x.T @ x
     n = len(seeds)
     stats = {}
     for metric, (total, outer) in sums.items():
@@ -81,6 +87,18 @@ def sample_feature_statistics(snapshot_path, detectors, seeds, batch, device, **
         mu = total / n
         stats[metric] = (mu.numpy(), ((outer - torch.outer(mu, mu) * n) / (n - 1)).numpy())
     return stats
+
+
+def sample_features(snapshot_path, detector, seeds, batch, device, **sampler_kwargs) -> np.ndarray:
+    """Per-sample features [len(seeds), D] of this snapshot, in the order of `seeds`, on every rank."""
+    mine = {}
+    for batch_seeds, features in _feature_batches(snapshot_path, {'x': detector}, seeds, batch, device, **sampler_kwargs):
+        mine.update(zip(batch_seeds, features['x'].numpy()))
+    if torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {seed: x for part in parts for seed, x in part.items()}
+    return np.stack([mine[seed] for seed in seeds])
 
 
 def _previous_results(dest, settings) -> dict:
@@ -96,15 +114,8 @@ def _write_json(dest, report):
     write_atomic(dest, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
-def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, skip_initial=False, **sampler_kwargs) -> dict:
-    """Evaluate every snapshot of `net`, writing `dest` after each one; snapshots already in `dest` with the
-    same settings are not evaluated again (rerun while training goes on, or after an interruption)."""
-    import dnnlib
+def _reference_statistics(ref, metrics) -> dict:
     from calculate_metrics import load_stats
-    from torch_utils import distributed as dist
-    if len(seeds) < 2:
-        raise DDOPatchError('--seeds must give at least two samples')
-    detector_names = parse_detectors(metrics, detector_overrides)
     try:
         ref_stats = load_stats(ref, verbose=False)
     except Exception as err:
@@ -112,6 +123,22 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
     absent = [m for m in metrics if m not in ref_stats]
     if absent:
         raise DDOPatchError(f'--ref {ref} has no statistics for {", ".join(absent)} (it has {", ".join(ref_stats)})')
+    return ref_stats
+
+
+def _detectors(names: dict) -> dict:
+    import dnnlib
+    return {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in names.items()}
+
+
+def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, skip_initial=False, **sampler_kwargs) -> dict:
+    """Evaluate every snapshot of `net`, writing `dest` after each one; snapshots already in `dest` with the
+    same settings are not evaluated again (rerun while training goes on, or after an interruption)."""
+    from torch_utils import distributed as dist
+    if len(seeds) < 2:
+        raise DDOPatchError('--seeds must give at least two samples')
+    detector_names = parse_detectors(metrics, detector_overrides)
+    ref_stats = _reference_statistics(ref, metrics)
     snapshots = list_snapshots(net)
     if skip_initial and os.path.isdir(net):
         snapshots = [path for path in snapshots if snapshot_kimg(path) > 0]
@@ -125,8 +152,7 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
     for path in snapshots:
         row = previous.get(os.path.basename(path))
         if row is None:
-            if detectors is None:
-                detectors = {m: dnnlib.util.construct_class_by_name(class_name=name) for m, name in detector_names.items()}
+            detectors = detectors or _detectors(detector_names)
             stats = sample_feature_statistics(path, detectors, seeds, batch, device, **sampler_kwargs)
             row = {'snapshot': os.path.basename(path)}
             row.update({m: frechet_distance(*stats[m], ref_stats[m]['mu'], ref_stats[m]['sigma']) for m in metrics})
@@ -138,8 +164,45 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
     return report
 
 
+def race(nets, ref, dest, metric, detector_overrides, seeds, batch, device, store, resamples, **sampler_kwargs) -> dict:
+    """One level of a race (`ddo_patch.racing`): each snapshot's `metric` on `seeds` (the first n of the selection
+    seeds) and over `resamples` paired bootstrap resamples of them, into `dest`. Per-sample features are kept in
+    `store`, one file per snapshot, so the next level samples only the seeds it adds; a file made with other
+    settings, or for seeds that are not a prefix of these, is made again."""
+    from torch_utils import distributed as dist
+    detector_names = parse_detectors([metric], detector_overrides)
+    ref_stats = _reference_statistics(ref, [metric])[metric]
+    settings = dict(ref=ref, metric=metric, detector=detector_names[metric], sampler=sampler_kwargs)
+    indices = racing.resample_indices(len(seeds), resamples)
+    os.makedirs(store, exist_ok=True)
+    detector, results = None, []
+    for path in nets:
+        file = os.path.join(store, os.path.normpath(path).replace(os.sep, '__') + '.npz')
+        stored = np.load(file, allow_pickle=False) if os.path.isfile(file) else None
+        known = np.zeros([0], dtype=np.int64), None
+        if stored is not None and json.loads(str(stored['settings'])) == settings:
+            count = min(len(stored['seeds']), len(seeds))
+            if list(stored['seeds'][:count]) == list(seeds[:count]):
+                known = stored['seeds'], stored['features']
+        missing = list(seeds[len(known[0]):])
+        if missing:
+            detector = detector or _detectors(detector_names)[metric]
+            new = sample_features(path, detector, missing, batch, device, **sampler_kwargs)
+            known = (np.concatenate([known[0], missing]), new if known[1] is None else np.concatenate([known[1], new]))
+            if dist.get_rank() == 0:
+                write_atomic(file, lambda f, k=known: np.savez(f, seeds=k[0], features=k[1], settings=json.dumps(settings)))
+        score, bootstrap = racing.frechet_to_reference(known[1][:len(seeds)], ref_stats['mu'], ref_stats['sigma'], indices)
+        results.append(dict(snapshot=path, score=score, bootstrap=bootstrap.tolist(), sampled=len(missing)))
+        dist.print0(f'{path}  {metric} {score:.4f} at {len(seeds)} samples (bootstrap sd {bootstrap.std():.4f})')
+    report = dict(samples=len(seeds), resamples=resamples, settings=settings, results=results)
+    if dist.get_rank() == 0:
+        _write_json(dest, report)
+    return report
+
+
 @click.command(context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110, show_default=True))
-@click.option('--net', metavar='PKL|DIR', required=True, help='A network snapshot, or a run directory: every snapshot in it.')
+@click.option('--net', 'nets', metavar='PKL|DIR', required=True, multiple=True,
+              help='A network snapshot, or a run directory: every snapshot in it. With --race-store: snapshots (repeatable).')
 @click.option('--ref', metavar='PKL|URL', required=True, help='Reference statistics of the data set (upstream calculate_metrics ref).')
 @click.option('--dest', metavar='JSON', required=True, help='Where to write every result and the best snapshot; rerun to add new snapshots.')
 @click.option('--metrics', metavar='LIST', default='fid', help='Comma-separated metrics; the first one picks the best snapshot.')
@@ -148,16 +211,27 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Samples per process per sampler call.')
 @click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=32, help='EDM sampler steps.')
 @click.option('--skip-initial', is_flag=True, help='In a run directory, skip the kimg-0 snapshot (its starting point, evaluated elsewhere).')
+@click.option('--race-store', metavar='DIR', default=None,
+              help='One level of a race (ddo_patch.racing): score each --net snapshot and its paired bootstrap, keeping per-sample features here.')
+@click.option('--resamples', metavar='INT', type=click.IntRange(min=10), default=racing.DEFAULT_BOOTSTRAP, help='Bootstrap resamples of a race level.')
 @options.edm2_root
-def cmdline(net, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, skip_initial, edm2_root):
+def cmdline(nets, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, skip_initial, race_store, resamples, edm2_root):
     """Class-balanced FID of a snapshot or of every snapshot of a run; writes all results and the best one."""
+    metrics = [m.strip() for m in metrics.split(',') if m.strip()]
+    if race_store is None and len(nets) > 1:
+        raise DDOPatchError('--net names one snapshot or run directory (several only for a race level, with --race-store)')
+    if race_store is not None and len(metrics) != 1:
+        raise DDOPatchError(f'a race level scores one metric; give --metrics with one name, got {",".join(metrics)}')
     upstream.activate('edm2', edm2_root)
     from torch_utils import distributed as dist
     from edm2_ext.platform import init_distributed
     device = device_for_this_rank()
     init_distributed(device)
-    report = evaluate(net, ref, dest, [m.strip() for m in metrics.split(',') if m.strip()], detector_overrides, seeds,
-                      batch, device, skip_initial=skip_initial, num_steps=num_steps)
+    if race_store is not None:
+        race(nets, ref, dest, metrics[0], detector_overrides, seeds, batch, device, race_store, resamples, num_steps=num_steps)
+        return
+    report = evaluate(nets[0], ref, dest, metrics, detector_overrides, seeds, batch, device, skip_initial=skip_initial,
+                      num_steps=num_steps)
     dist.print0(f'best: {report["best"]["snapshot"]} -> {dest}')
 
 

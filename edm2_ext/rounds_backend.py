@@ -36,6 +36,7 @@ class RoundsBackend(Backend):
     evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'report_seeds', 'noise_seeds', 'batch', 'steps')
     reference_sample_options = ('count', 'first_seed', 'batch', 'steps')
     evaluate_file_options = ('reference',)
+    races = True
 
     def validate(self):
         cfg = self.cfg
@@ -93,7 +94,8 @@ class RoundsBackend(Backend):
         with open(path) as f:
             return json.load(f)['results'][0][self.cfg.evaluate['metric']]
 
-    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo') -> list:
+    def run_commands(self, round_idx, run_dir, reference, fake, alpha, beta, options, stop_at=None, objective='ddo',
+                     evaluate=True) -> list:
         """A rung trains with --duration = the rung: EDM2's learning rate and EMA do not depend on the total, so
         the next stage, with a larger --duration, resumes from the rung's checkpoint as if never stopped."""
         cfg = self.cfg
@@ -105,8 +107,24 @@ class RoundsBackend(Backend):
         evaluate = self._evaluate_args(run_dir, f'{run_dir}/{run_files.EVALUATION}', self.evaluation_seeds('select'))
         # Upstream refuses to resume a finished run, so a rerun skips training once its last state exists.
         final_state = f'{run_dir}/{run_files.training_state(duration // 1000)}'
-        return [Command('edm2_ext.train', train + _args(options) + self._root(), done_if=final_state),
-                Command('edm2_ext.evaluate', evaluate + ['--skip-initial'])]
+        return [Command('edm2_ext.train', train + _args(options) + self._root(), done_if=final_state)] + \
+            ([Command('edm2_ext.evaluate', evaluate + ['--skip-initial'])] if evaluate else [])
+
+    def snapshots(self, run_dir, up_to) -> list:
+        return [(run_files.snapshot_kimg(path), path) for path in run_files.list_snapshots(run_dir)
+                if 0 < run_files.snapshot_kimg(path) <= up_to // 1000]
+
+    def race_evaluation(self, snapshots, samples, dest, store) -> Command:
+        first = parse_seeds(self.evaluation_seeds('select'))[:samples]   # each level extends the one before
+        seeds = seed_range(first[0], samples) if first[-1] - first[0] == samples - 1 else ','.join(map(str, first))
+        args = self._evaluate_args(snapshots[0], dest, seeds)
+        for snapshot in snapshots[1:]:
+            args += ['--net', snapshot]
+        return Command('edm2_ext.evaluate', args + ['--race-store', store, '--resamples', str(self.cfg.racing['resamples'])])
+
+    def read_race(self, path) -> dict:
+        with open(path) as f:
+            return {row['snapshot']: row for row in json.load(f)['results']}
 
     def train_images(self, options, steps) -> int:
         return steps
@@ -119,10 +137,12 @@ class RoundsBackend(Backend):
     def reference_sample_count(self, round_idx) -> int:
         return self._reference_seed_plan()[0]
 
-    def collect(self, run_dir) -> dict:
+    def collect(self, run_dir, evaluated=True) -> dict:
         for row in json_lines(os.path.join(run_dir, run_files.STATS)):
             if 'Loss/loss' in row and not math.isfinite(row['Loss/loss']):   # upstream writes each statistic's mean
                 return dict(evaluations=[], error=f'non-finite loss ({row["Loss/loss"]}) at {row.get("Progress/kimg", 0):g} kimg')
+        if not evaluated:
+            return dict(evaluations=[], error=None)
         path = os.path.join(run_dir, run_files.EVALUATION)
         if not os.path.isfile(path):
             return dict(evaluations=[], error=f'no evaluation results ({path} is missing)')

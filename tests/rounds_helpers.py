@@ -136,16 +136,17 @@ def variant(world, name, **replacements):
     return str(path)
 
 
-def halving_config(tmp_path, rounds=1, carry=False, seconds=0.0, launcher=None):
+def halving_config(tmp_path, rounds=1, carry=False, seconds=0.0, launcher=None, evaluate=None):
     """Four points a1..a4 on the scripted law 'alpha_helps' (larger alpha, lower score at every step), 8 steps with
-    an evaluation every 2, rungs at 2 and 4, half kept at each: a1, a2 stop at 2; a3 at 4; a4 runs to the end."""
+    an evaluation every 2, rungs at 2 and 4, half kept at each: a1, a2 stop at 2; a3 at 4; a4 runs to the end.
+    `evaluate`: more [evaluate] options (racing)."""
     (tmp_path / 'pretrained.json').write_text('{"score": 10.0}')
     tests = os.path.dirname(os.path.abspath(__file__))   # where scripted_backend is
     sweep = dict(alpha=[1, 2, 3, 4], beta=[0.1, 0.2] if carry else [0.1], policy='halving', rungs=[2, 4], keep=0.5, carry=carry)
     return write_config(tmp_path / 'halving.toml', dict(backend='scripted_backend.ScriptedBackend', rounds=rounds,
                                                         pretrained='pretrained.json'),
                         dict(run=dict(duration=8, eval_every=2), sweep=sweep, train=dict(law='alpha_helps', seconds=seconds),
-                             evaluate=dict(metric='score'),
+                             evaluate=dict(metric='score', **(evaluate or {})),
                              launcher=launcher or dict(kind='local', env={'PYTHONPATH': tests})))
 
 

@@ -388,6 +388,37 @@ def test_halving_stops_exactly_the_worse_points_at_each_rung(tmp_path):
     assert '| 9.8 (stopped at 2) | 9.6 (stopped at 2) | 8.8 (stopped at 4) | 6.8 |' in report
 
 
+RACING = dict(policy='racing', race_samples=[2, 5], race_threshold=0.05, race_resamples=400)
+
+
+def test_halving_with_racing_makes_the_same_decisions_for_fewer_samples(tmp_path):
+    """The scripted race (scores + 1/n, bootstrap sd 0.2/sqrt(n)): at rung 2, a1 and a2 stop after 2 of the 10
+    samples (0.6 and 0.4 behind a4), a3 (0.2 behind) races on and halving keeps two points; at rung 4 a3's new
+    snapshot stops at 2 samples; in the last stage a4's step 6 does. The rung decisions and the choice are those of
+    full evaluation, for 48 samples instead of 80."""
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, evaluate=RACING), '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    r = read_manifest(workdir)['rounds'][0]
+    assert [(d['step'], d['kept'], d['stopped']) for d in r['rungs']] == [
+        (2, ['a3_b0.1', 'a4_b0.1'], ['a1_b0.1', 'a2_b0.1']), (4, ['a4_b0.1'], ['a3_b0.1'])]
+    samples = {(run['name'], e['step']): (e['samples'], e['status']) for run in r['runs'] for e in run['evaluations']}
+    assert samples == {('a1_b0.1', 2): (2, 'stopped'), ('a2_b0.1', 2): (2, 'stopped'), ('a3_b0.1', 2): (10, 'final'),
+                       ('a3_b0.1', 4): (2, 'stopped'), ('a4_b0.1', 2): (10, 'final'), ('a4_b0.1', 4): (10, 'final'),
+                       ('a4_b0.1', 6): (2, 'stopped'), ('a4_b0.1', 8): (10, 'final')}
+    stopped = next(e for e in r['runs'][0]['evaluations'])
+    assert stopped['reason'].startswith('P(beats round01/a4_b0.1/snapshot-2.json) = 0.0')
+    assert (r['chosen']['run'], r['chosen']['step'], r['chosen']['score']) == ('a4_b0.1', 8, pytest.approx(10 - 0.4 * 8 + 0.1))
+    assert [(level['stage'], level['samples'], level['racing'], len(level['stopped'])) for level in r['race']['levels']] == [
+        (2, 2, 4, 2), (2, 5, 2, 0), (2, 10, 2, 0), (4, 2, 2, 1), (4, 5, 1, 0), (4, 10, 1, 0), (8, 2, 2, 1), (8, 5, 1, 0), (8, 10, 1, 0)]
+    assert all('evaluate' not in command for run in r['runs'] for command in run['commands'])   # the jobs only train
+    assert r['cost'] == dict(train_images=16, evaluation_samples=48 + 10, reference_samples=0,
+                             mle_equivalents=pytest.approx(16 * 2.5 + 58))
+    # A rerun finds every level decided and changes nothing.
+    again = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, evaluate=RACING), '--workdir', str(workdir)])
+    assert again.exit_code == 0 and comparable(read_manifest(workdir)) == comparable(dict(read_manifest(workdir), rounds=[r]))
+
+
 def test_halving_on_slurm_submits_nothing_more_for_a_stopped_point(tmp_path, monkeypatch):
     """On SLURM every stage's jobs are submitted together; a point stopped at a rung is never submitted again."""
     state = install_fake_slurm(tmp_path, monkeypatch, run_jobs=True)

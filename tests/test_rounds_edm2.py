@@ -4,8 +4,10 @@ mid-evaluation that ends with the same manifest, a sweep point with a NaN loss, 
 The manager runs as a subprocess, exactly as users run it."""
 
 import hashlib
+import json
 import pickle
 import subprocess
+import sys
 import time
 
 import pytest
@@ -197,3 +199,29 @@ def test_round_where_every_run_fails_stops_with_a_clear_message(world):
     args = manager(world, config, workdir) + ['--retry-failed']
     retried = subprocess.run(args, env=world['env'], capture_output=True, text=True, timeout=600)
     assert retried.returncode == 2 and retried.stderr == proc.stderr and log.stat().st_size > size   # it ran again
+
+
+def test_racing_scores_the_finalists_as_a_full_evaluation_would(world):
+    """Racing on real EDM2 snapshots: two points, a snapshot each at 1 and 2 kimg, levels of 8 and 16 of the 32
+    selection seeds. Every snapshot starts on 8 samples; the finalists' scores on all 32 equal a plain
+    `edm2_ext.evaluate` of the same snapshot (the stored features extend level by level, in seed order)."""
+    config = variant(world, 'racing.toml', **{'rounds = 2': 'rounds = 1', 'duration = "1Ki"': 'duration = "2Ki"',
+                                              'metric = "fid"': 'metric = "fid"\npolicy = "racing"\nrace_samples = [8, 16]',
+                                              **NO_CONTROL})
+    workdir = world['root'] / 'racing'
+    run_manager(world, config, workdir)
+    r = read_manifest(workdir)['rounds'][0]
+    evaluations = [e for run in r['runs'] for e in run['evaluations']]
+    assert sorted((e['step'], e['samples'] in (8, 16, 32)) for e in evaluations) == [(1, True), (1, True), (2, True), (2, True)]
+    assert [level['samples'] for level in r['race']['levels']][:1] == [8] and r['race']['levels'][0]['racing'] == 4
+    finals = [e for e in evaluations if e['status'] == 'final']
+    assert finals and all(e['samples'] == 32 for e in finals) and r['chosen']['score'] == min(e['score'] for e in finals)
+    assert all(e['samples'] < 32 and e['reason'].startswith('P(beats ') for e in evaluations if e['status'] == 'stopped')
+    dest = workdir / 'check.json'
+    subprocess.run([sys.executable, '-m', 'edm2_ext.evaluate', '--net', r['chosen']['snapshot'], '--ref', str(world['stats']),
+                    '--dest', str(dest), '--seeds', '0-31', '--batch', '32', '--steps', '16',
+                    '--detector', 'fid=edm2_ext.example:PixelProjection'], cwd=workdir, env=world['env'], check=True,
+                   capture_output=True, timeout=300)
+    assert json.loads(dest.read_text())['results'][0]['fid'] == pytest.approx(r['chosen']['score'], rel=1e-6)
+    # the samples each snapshot reached, then the reference on the selection seeds, it and the choice on the report seeds
+    assert r['cost']['evaluation_samples'] == sum(e['samples'] for e in evaluations) + 32 + 2 * 32

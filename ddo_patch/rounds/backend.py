@@ -15,6 +15,9 @@ adapter, subclasses `Backend`, and answers:
   `read_evaluation`, and `evaluation_scores` for what an evaluation scored besides the selecting score,
   e.g. VAR's score at each guidance scale). The manager takes the scores as the runs wrote them; it
   computes none itself;
+- optionally, racing (`[evaluate] policy = "racing"`, `ddo_patch.rounds.race`; `races = True`): a point's job
+  without its evaluation (`run_commands(..., evaluate=False)`, `collect(..., evaluated=False)`), the snapshots a
+  run wrote (`snapshots`), and one race level over several snapshots (`race_evaluation`, `read_race`);
 - how to read one run directory of its train entry without a config (`owns`, `run_settings`, `training_log`,
   `run_evaluations`), for the report's diagnostics and `ddo-patch inspect` (`ddo_patch.diagnostics`).
   Installed backends are listed under the entry-point group `ddo_patch.backends`, so that `inspect` finds
@@ -57,6 +60,7 @@ class Backend:
     file_options = ()                  # [train] keys that name a file, resolved like paths of the config
     evaluate_file_options = ()         # [evaluate] keys that name a file (or a URL)
     ddo_image_cost = 2.5               # MLE-image equivalents of one DDO training image (see ddo_patch.rounds.sweep)
+    races = False                      # whether it scores race levels (the racing methods below)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -120,6 +124,22 @@ class Backend:
         """The job of one sweep point: train (to `stop_at` steps, a rung, or to the end of the round when None;
         a later call with a larger one continues the same run), then evaluate what is new. objective 'mle': the
         round's matched control, the same job with the MLE loss (`fake`, `alpha` and `beta` are None)."""
+        raise NotImplementedError
+
+    # Racing (`races = True`): run_commands takes evaluate=False (train only) and collect evaluated=False (check the
+    # training, expect no evaluations).
+
+    def snapshots(self, run_dir, up_to) -> list:
+        """[(step, path)] of the snapshots a run wrote after its start, up to step `up_to`, in step order."""
+        raise NotImplementedError
+
+    def race_evaluation(self, snapshots, samples, dest, store) -> Command:
+        """The command that scores each snapshot on the first `samples` selection seeds and over paired bootstrap
+        resamples of them (`ddo_patch.racing`) into `dest`, keeping per-sample features in `store` for later levels."""
+        raise NotImplementedError
+
+    def read_race(self, path) -> dict:
+        """{snapshot: {'score', 'bootstrap': [score over each resample]}} from a race level's `dest`."""
         raise NotImplementedError
 
     def train_images(self, options, steps) -> int:

@@ -48,6 +48,7 @@ import re
 import sys
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.racing import DEFAULT_BOOTSTRAP, DEFAULT_THRESHOLD
 from ddo_patch.rounds.backend import load_backend_class
 from ddo_patch.sizes import parse_nimg
 
@@ -81,11 +82,12 @@ class RoundsConfig:
     eval_every: int
     alphas: list
     betas: list
-    sweep: dict                  # policy ('grid' or 'halving'), rungs (steps, increasing), keep, carry
+    sweep: dict                  # policy ('grid', 'halving' or 'random'), rungs (steps, increasing), keep, carry, count, seed
     train: dict
     overrides: list              # [(from_round, {option: value})], sorted
     control: dict                # {} or objective ('mle'), start ('reference' or 'control'), options (train options)
     evaluate: dict
+    racing: dict                 # {} (every snapshot on every selection seed) or samples (levels), threshold, resamples
     reference_samples: dict
     stop: dict                   # min_improvement, patience
     launcher: dict               # kind, nodes, nproc_per_node, env, template, poll_seconds
@@ -161,15 +163,26 @@ def _grid(path, sweep, name, minimum, open_min):
 
 
 def _sweep_policy(path, sweep, duration, eval_every) -> dict:
-    """[sweep] policy, rungs, keep, carry, checked (see ddo_patch.rounds.sweep)."""
-    policy = dict(policy=sweep.get('policy', 'grid'), rungs=[], keep=sweep.get('keep', 0.5), carry=sweep.get('carry', False))
-    if policy['policy'] not in ('grid', 'halving'):
-        _fail(path, f'unknown sweep.policy {policy["policy"]!r}; choose grid (every point runs the whole round) or halving')
+    """[sweep] policy, rungs, keep, carry, count, seed, checked (see ddo_patch.rounds.sweep)."""
+    policy = dict(policy=sweep.get('policy', 'grid'), rungs=[], keep=sweep.get('keep', 0.5), carry=sweep.get('carry', False),
+                  count=sweep.get('count'), seed=sweep.get('seed', 0))
+    if policy['policy'] not in ('grid', 'halving', 'random'):
+        _fail(path, f'unknown sweep.policy {policy["policy"]!r}; choose grid (every point runs the whole round), halving '
+                    f'or random (count points of the grid)')
     if not isinstance(policy['carry'], bool):
         _fail(path, f'sweep.carry must be true or false, got {policy["carry"]!r}')
-    if policy['policy'] == 'grid':
-        if 'rungs' in sweep or 'keep' in sweep:
-            _fail(path, 'sweep.rungs and sweep.keep are for policy = "halving"')
+    if policy['policy'] != 'halving' and ('rungs' in sweep or 'keep' in sweep):
+        _fail(path, 'sweep.rungs and sweep.keep are for policy = "halving"')
+    if policy['policy'] != 'random' and ('count' in sweep or 'seed' in sweep):
+        _fail(path, 'sweep.count and sweep.seed are for policy = "random"')
+    if policy['policy'] == 'random':
+        for key in ('count', 'seed'):
+            if not isinstance(policy[key], int) or isinstance(policy[key], bool) or policy[key] < (1 if key == 'count' else 0):
+                _fail(path, f'sweep.policy = "random" needs sweep.{key}, an integer >= {1 if key == "count" else 0}, '
+                            f'got {policy[key]!r}')
+        if policy['carry']:
+            _fail(path, 'sweep.carry is for the grid and halving (a random subset ignores the last choice)')
+    if policy['policy'] != 'halving':
         return policy
     if not isinstance(sweep.get('rungs'), list) or not sweep['rungs']:
         _fail(path, f'sweep.policy = "halving" needs sweep.rungs, the steps at which to compare points, e.g. '
@@ -183,6 +196,37 @@ def _sweep_policy(path, sweep, duration, eval_every) -> dict:
     if policy['keep'] >= 1:
         _fail(path, f'sweep.keep is the fraction of points kept at each rung, in (0, 1), got {policy["keep"]}')
     return policy
+
+
+RACING_OPTIONS = ('policy', 'race_samples', 'race_threshold', 'race_resamples')
+
+
+def _racing(path, evaluate, backend_cls) -> dict:
+    """[evaluate] policy = "racing" and its race_* options, taken out of `evaluate` (see ddo_patch.racing); {} for
+    policy "full", the default: every snapshot on every selection seed."""
+    table = {key: evaluate.pop(key) for key in RACING_OPTIONS if key in evaluate}
+    policy = table.pop('policy', 'full')
+    if policy not in ('full', 'racing'):
+        _fail(path, f'unknown evaluate.policy {policy!r}; choose full (every snapshot on every seed) or racing')
+    if policy == 'full':
+        if table:
+            _fail(path, f'{", ".join("evaluate." + k for k in table)} are for evaluate.policy = "racing"')
+        return {}
+    if not backend_cls.races:
+        _fail(path, f'evaluate.policy = "racing" needs a backend that scores race levels; {backend_cls.name} does not '
+                    f'(use policy = "full")')
+    samples = table.get('race_samples')
+    if not (isinstance(samples, list) and samples and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in samples)
+            and all(b > a for a, b in zip(samples, samples[1:]))):
+        _fail(path, f'evaluate.race_samples must be increasing sample counts >= 2 below the selection seeds\' count, '
+                    f'e.g. [2000, 8000], got {samples!r}')
+    threshold = _number(path, 'evaluate.race_threshold', table.get('race_threshold', DEFAULT_THRESHOLD), 0, open_min=True)
+    if threshold >= 1:
+        _fail(path, f'evaluate.race_threshold is a probability in (0, 1), got {threshold}')
+    resamples = table.get('race_resamples', DEFAULT_BOOTSTRAP)
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 10:
+        _fail(path, f'evaluate.race_resamples must be an integer >= 10, got {resamples!r}')
+    return dict(samples=samples, threshold=threshold, resamples=resamples)
 
 
 def _size(path, where, value):
@@ -298,6 +342,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     control = _control(path, dict(raw.get('control', {})), backend, base)
 
     evaluate = dict(raw.get('evaluate', {}))
+    racing = _racing(path, evaluate, backend)
     _known(path, evaluate, f'{backend.name} evaluate', backend.evaluate_options)
     if 'metric' not in evaluate:
         _fail(path, 'evaluate.metric is required (edm2: fid or fd_dinov2; var: MODULE:FUNCTION, lower is better)')
@@ -332,9 +377,14 @@ def parse(raw: dict, path: str) -> RoundsConfig:
     cfg = RoundsConfig(source=os.path.abspath(path), backend=raw['backend'], rounds=rounds, pretrained=pretrained, data=data,
                        pretraining_images=images, duration=duration, eval_every=eval_every, alphas=alphas, betas=betas,
                        sweep=policy,
-                       train=train, overrides=overrides, control=control, evaluate=evaluate, reference_samples=reference_samples,
+                       train=train, overrides=overrides, control=control, evaluate=evaluate, racing=racing,
+                       reference_samples=reference_samples,
                        stop=stop, launcher=_launcher(path, raw.get('launcher', {})), upstream_root=upstream_root)
-    cfg.make_backend().validate()
+    backend_instance = cfg.make_backend()
+    backend_instance.validate()
+    if racing and racing['samples'][-1] >= backend_instance.evaluation_samples('select'):
+        _fail(path, f'evaluate.race_samples must lie below the selection seeds\' count '
+                    f'{backend_instance.evaluation_samples("select")}, got {racing["samples"]}')
     return cfg
 
 

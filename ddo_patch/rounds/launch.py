@@ -153,6 +153,19 @@ def forget(workdir, job) -> None:
             os.remove(os.path.join(workdir, job.file(suffix)))
 
 
+def run_round_jobs(workdir, launcher, jobs) -> dict | bool:
+    """Run round-level jobs (reference samples, evaluations) that have not finished, together (on SLURM: submitted at
+    once); {job name: status}, or False while any is queued. A job that failed in an earlier invocation runs again."""
+    for job in jobs:
+        status = read_status(workdir, job)
+        if status is not None and status['exit_status'] != 0:
+            forget(workdir, job)
+    todo = [job for job in jobs if read_status(workdir, job) is None]
+    if todo and not launcher.run(todo, on_done=lambda _: None):
+        return False
+    return {job.name: read_status(workdir, job) for job in jobs}
+
+
 def _write_script(workdir, launcher, job) -> str:
     path = os.path.join(workdir, job.file('sh'))
     os.makedirs(os.path.dirname(path), exist_ok=True)

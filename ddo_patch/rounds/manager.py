@@ -20,7 +20,7 @@ import os
 
 from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds import config as rounds_config
-from ddo_patch.rounds import control, manifest, sweep
+from ddo_patch.rounds import control, manifest, race, sweep
 from ddo_patch.rounds.backend import point_name
 from ddo_patch.rounds.launch import (
     Job,
@@ -29,6 +29,7 @@ from ddo_patch.rounds.launch import (
     make_launcher,
     outcome,
     read_status,
+    run_round_jobs,
 )
 
 MANIFEST_VERSION = 2
@@ -64,25 +65,33 @@ def _start_manifest(workdir, cfg, backend) -> dict:
     return previous
 
 
-def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, steps, name=None, objective='ddo') -> dict:
+def _run_record(workdir, backend, launcher, job, alpha, beta, options, run_dir, steps, name=None, objective='ddo',
+                raced=None) -> dict:
     """The manifest entry of one finished job (a sweep point, or the control, trained to `steps`): its configuration,
-    command lines, exit status, evaluations and best snapshot (with its content hash), what it cost, or why it failed."""
+    command lines, exit status, evaluations and best snapshot (with its content hash), what it cost, or why it failed.
+    `raced`: under racing, the run's evaluations as the race left them (`ddo_patch.rounds.race`); the best is then
+    the best of those scored on every selection seed."""
     status = read_status(workdir, job)
     record = dict(name=name or point_name(alpha, beta), objective=objective, alpha=alpha, beta=beta, options=options,
                   run_dir=run_dir, job=job.path,
                   images=backend.train_images(options, steps), commands=[command_line(launcher, c) for c in job.commands],
                   exit_status=status['exit_status'], wall_seconds=status['wall_seconds'],
                   interruptions=status.get('interruptions', 0), evaluations=[], best=None)
-    result = backend.collect(os.path.join(workdir, run_dir)) if status['exit_status'] == 0 else \
-        dict(evaluations=[], error=f'{outcome(status, workdir, job)} (log: {job.file("log")})')
-    bad = [e for e in result['evaluations'] if not math.isfinite(e['score'])]
+    result = dict(evaluations=[], error=f'{outcome(status, workdir, job)} (log: {job.file("log")})')
+    if status['exit_status'] == 0:
+        result = backend.collect(os.path.join(workdir, run_dir), **({} if raced is None else dict(evaluated=False)))
+    evaluations = raced if raced is not None else \
+        [dict(e, snapshot=os.path.relpath(e['snapshot'], workdir)) for e in result['evaluations']]
+    bad = [e for e in evaluations if not math.isfinite(e['score'])]
     error = result['error'] or (f'non-finite {backend.metric_label()} at step {bad[0]["step"]}' if bad else None)
     record.update(status='failed' if error else 'done', error=error)
+    finals = [e for e in evaluations if e.get('status', 'final') == 'final']
     if error is None:
-        record['evaluations'] = [dict(e, snapshot=os.path.relpath(e['snapshot'], workdir)) for e in result['evaluations']]
-        best = min(record['evaluations'], key=lambda e: (e['score'], e['step']))   # ties: the earlier snapshot
+        record['evaluations'] = evaluations
+    if error is None and finals:
+        best = min(finals, key=lambda e: (e['score'], e['step']))   # ties: the earlier snapshot
         record['best'] = dict(best, sha256=manifest.sha256(os.path.join(workdir, best['snapshot'])))
-    record['evaluation_samples'] = len(record['evaluations']) * backend.evaluation_samples('select')
+    record['evaluation_samples'] = sweep.run_evaluation_samples(backend, record)
     return record
 
 
@@ -117,19 +126,6 @@ def _stop_reason(cfg, rounds) -> str | None:
         return (f'no improvement above {cfg.stop["min_improvement"]:g} for {stalled} round(s) in a row '
                 f'(stop.patience = {cfg.stop["patience"]})')
     return None
-
-
-def _round_jobs(workdir, launcher, jobs) -> dict | bool:
-    """Run round-level jobs (reference samples, evaluations) that have not finished, together (on SLURM: submitted at
-    once); {job name: status}, or False while any is queued. A job that failed in an earlier invocation runs again."""
-    for job in jobs:
-        status = read_status(workdir, job)
-        if status is not None and status['exit_status'] != 0:
-            forget(workdir, job)
-    todo = [job for job in jobs if read_status(workdir, job) is None]
-    if todo and not launcher.run(todo, on_done=lambda _: None):
-        return False
-    return {job.name: read_status(workdir, job) for job in jobs}
 
 
 def _failed(workdir, record, job, status, what):
@@ -175,7 +171,7 @@ def _prepare_round(workdir, cfg, backend, launcher, m, record) -> str | bool | N
         record['reference_evaluation'] = dict(score=previous['chosen']['score'], source=f'round {previous["round"]}')
     evaluation = None if record['reference_evaluation'] else \
         _Evaluation(cfg, backend, record, record['reference']['path'], 'select', 'reference-evaluation')
-    statuses = _round_jobs(workdir, launcher, [job for job in (samples_job, evaluation and evaluation.job) if job])
+    statuses = run_round_jobs(workdir, launcher, [job for job in (samples_job, evaluation and evaluation.job) if job])
     if statuses is False:
         return False
     if samples:
@@ -207,7 +203,7 @@ def _report(workdir, cfg, backend, launcher, m, record) -> bool:
         wanted['reference_noise'] = (record['reference']['path'], 'noise')
     todo = {key: _Evaluation(cfg, backend, record, key[0], key[1], f'{key[1]}-{role.split("_")[0]}')
             for role, key in reversed(list(wanted.items())) if key not in known}   # a kept reference: once
-    statuses = _round_jobs(workdir, launcher, [e.job for e in todo.values()])
+    statuses = run_round_jobs(workdir, launcher, [e.job for e in todo.values()])
     if statuses is False:
         return False
     known.update({key: e.result(workdir, statuses[e.job.name]) for key, e in todo.items()})
@@ -228,13 +224,14 @@ def _forget_failed(workdir, record):
 
 def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
     """Train and evaluate the round's sweep points, stage by stage (`ddo_patch.rounds.sweep`: one stage for the grid;
-    for halving each rung, then the end); False while jobs are queued. Every rung decision goes into the
-    manifest as it is made, so a rerun continues with the same points."""
+    for halving each rung, then the end); False while jobs are queued. Every rung decision (and, with racing, every
+    race level) goes into the manifest as it is made, so a rerun continues with the same points."""
     options = cfg.round_options(record['round'])
     if record['points'] is None:
-        record['points'] = [list(point) for point in sweep.round_points(cfg, _previous_round(m, record))]
+        record['points'] = [list(point) for point in sweep.round_points(cfg, _previous_round(m, record), record['round'])]
         save()
     active = [tuple(point) for point in record['points']]
+    racing = bool(cfg.racing)
     for target in sweep.stages(cfg):
         decision = next((d for d in record['rungs'] if d['step'] == target), None)
         if decision is not None:
@@ -248,12 +245,13 @@ def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
             job = Job(name=f'{record["dir"]}-{name}' + ('' if final else f'-to{target}'),
                       path=run_dir if final else f'{run_dir}.to{target}',
                       commands=backend.run_commands(record['round'], run_dir, record['reference']['path'], fake, alpha, beta,
-                                                    options, stop_at=None if final else target))
+                                                    options, stop_at=None if final else target,
+                                                    **(dict(evaluate=False) if racing else {})))
             jobs[job.name] = (job, alpha, beta, run_dir)
 
-        def finished(job):
+        def finished(job, raced=None):
             job, alpha, beta, run_dir = jobs[job.name]
-            return _run_record(workdir, backend, cfg.launcher, job, alpha, beta, options, run_dir, target)
+            return _run_record(workdir, backend, cfg.launcher, job, alpha, beta, options, run_dir, target, raced=raced)
 
         if final:
             begin = control.start(cfg, m, record) if cfg.control and not record.get('control') else None
@@ -262,25 +260,46 @@ def _sweep(workdir, cfg, backend, launcher, m, record, fake, save) -> bool:
             def on_done(job):
                 if control_job and job.name == control_job.name:
                     _add_control(workdir, cfg, backend, record, control_job, begin)
-                else:
+                elif not racing:   # with racing, a run is recorded once the race has scored it
                     _add_run(record, finished(job), backend)
                 save()
             todo = [job for job, *_ in jobs.values()] + ([control_job] if control_job else [])
-            return not todo or launcher.run(todo, on_done)
-        todo = [job for job, *_ in jobs.values() if read_status(workdir, job) is None]
-        if todo and not launcher.run(todo, on_done=lambda _: None):
-            return False
+            if todo and not launcher.run(todo, on_done):
+                return False
+            if not racing:
+                return True
+        else:
+            todo = [job for job, *_ in jobs.values() if read_status(workdir, job) is None]
+            if todo and not launcher.run(todo, on_done=lambda _: None):
+                return False
         runs = [finished(job) for job, *_ in jobs.values()]
+        if racing:
+            trained = [run for run in runs if run['status'] == 'done']
+            for run in trained:
+                race.enter(record, run['name'], [(step, os.path.relpath(path, workdir)) for step, path in
+                                                 backend.snapshots(os.path.join(workdir, run['run_dir']), target)])
+            kept_count = 1 if final else max(1, math.ceil(cfg.sweep['keep'] * len(trained)))
+            if not race.run(workdir, cfg, backend, launcher, record, target, {run['name'] for run in trained}, kept_count, save):
+                return False
+            runs = [finished(job, raced=race.evaluations(record, point_name(alpha, beta))) if read_status(workdir, job)['exit_status'] == 0
+                    else finished(job) for job, alpha, beta, _ in jobs.values()]
+        if final:
+            for run in runs:
+                _add_run(record, run, backend)
+            save()
+            return True
         for run in runs:
             if run['status'] == 'failed':
                 _add_run(record, run, backend)
-        scores = {run['name']: (run['best']['score'], run['alpha'], run['beta']) for run in runs if run['status'] == 'done'}
-        kept = sweep.survivors(scores, cfg.sweep['keep']) if scores else []
-        for run in runs:
-            if run['status'] == 'done' and run['name'] not in kept:
+        scores = {run['name']: (run['best']['score'], run['alpha'], run['beta']) for run in runs if run['best'] is not None}
+        done = [run for run in runs if run['status'] == 'done']
+        kept = sweep.survivors(scores, max(1, math.ceil(cfg.sweep['keep'] * len(done)))) if scores else []
+        for run in done:
+            if run['name'] not in kept:
                 _add_run(record, dict(run, status='stopped', stopped_at=target), backend)
         record['rungs'].append(dict(step=target, scores={name: score[0] for name, score in scores.items()}, kept=kept,
-                                    stopped=sorted(set(scores) - set(kept), key=lambda name: scores[name][1:])))
+                                    stopped=sorted({run['name'] for run in done} - set(kept),
+                                                   key=lambda name: next((r['alpha'], r['beta']) for r in done if r['name'] == name))))
         save()
         print(f'round {record["round"]} rung {target}: kept {", ".join(kept) or "none"}; '
               f'stopped {", ".join(record["rungs"][-1]["stopped"]) or "none"}', flush=True)
@@ -305,7 +324,7 @@ def _add_run(record, run, backend):
     where = f' at {run["stopped_at"]}' if run['status'] == 'stopped' else ''
     print(f'round {record["round"]} {run["name"]}: {run["status"]}{where}' +
           (f', best {backend.metric_label()} {run["best"]["score"]:.4g} at step {run["best"]["step"]}' if run['best'] else
-           f' ({run["error"]})'), flush=True)
+           f' ({run["error"] or "no snapshot reached the last race level"})'), flush=True)
 
 
 def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool:

@@ -10,6 +10,8 @@
   `stopped_at`), and the decisions are made on complete evaluations only, the same on every launcher and
   again after a crash (they are in the manifest). Every evaluated snapshot of every point, stopped ones
   included, competes for the round's choice.
+- `random`: each round runs `count` points drawn from the grid without replacement (seeded by `seed` and the
+  round), each to the end of the round: the baseline a cheaper policy must beat at the same cost.
 - `carry = true`: round n+1 sweeps round n's chosen (alpha, beta) and its neighbours in the [sweep] lists
   (up to 3 x 3 points) instead of the whole grid; a round that kept its reference sweeps the whole grid.
 
@@ -21,12 +23,15 @@ backward, about three network evaluations): a DDO training image costs `backend.
 
 from __future__ import annotations
 
-import math
+import random
 
 
-def round_points(cfg, previous) -> list:
+def round_points(cfg, previous, round_idx) -> list:
     """The (alpha, beta) points of a round, in the grid's (alpha-major) order."""
     grid = [(alpha, beta) for alpha in cfg.alphas for beta in cfg.betas]
+    if cfg.sweep['policy'] == 'random':
+        drawn = random.Random(f'{cfg.sweep["seed"]}-{round_idx}').sample(range(len(grid)), min(cfg.sweep['count'], len(grid)))
+        return [grid[i] for i in sorted(drawn)]
     if not cfg.sweep['carry'] or previous is None or previous['chosen']['run'] == 'reference':
         return grid
     chosen = next(r for r in previous['runs'] if r['name'] == previous['chosen']['run'])
@@ -39,18 +44,23 @@ def stages(cfg) -> list:
     return list(cfg.sweep['rungs']) + [cfg.duration]
 
 
-def survivors(best_scores: dict, keep: float) -> list:
-    """The names that go on from a rung: the better `keep` fraction (rounded up, at least one) of {name: (score,
-    alpha, beta)}, ties to the smaller alpha, then beta (the grid's order)."""
+def survivors(best_scores: dict, count: int) -> list:
+    """The names that go on from a rung: the `count` best of {name: (score, alpha, beta)} (the manager passes the
+    better `keep` fraction of the rung's points, rounded up, at least one), ties to the smaller alpha, then beta
+    (the grid's order)."""
     ranked = sorted(best_scores, key=lambda name: best_scores[name])
-    return sorted(ranked[:max(1, math.ceil(keep * len(ranked)))], key=lambda name: best_scores[name][1:])
+    return sorted(ranked[:count], key=lambda name: best_scores[name][1:])
 
 
 def run_cost(backend, run) -> float:
     """MLE-image equivalents of one run (a sweep point, or the control, whose images cost one each): its training
-    images and its evaluations."""
+    images and the samples its evaluations generated (with racing, each snapshot's samples)."""
     image_cost = 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
-    return run['images'] * image_cost + len(run['evaluations']) * backend.evaluation_cost('select')
+    return run['images'] * image_cost + run_evaluation_samples(backend, run) * backend.sample_cost('select')
+
+
+def run_evaluation_samples(backend, run) -> int:
+    return sum(e.get('samples', backend.evaluation_samples('select')) for e in run['evaluations'])
 
 
 def round_cost(backend, record) -> dict:
@@ -61,7 +71,7 @@ def round_cost(backend, record) -> dict:
     runs = record['runs'] + ([record['control']] if record.get('control') else [])
     samples = backend.reference_sample_count(record['round']) if record.get('reference_samples') else 0
     return dict(train_images=sum(run['images'] for run in runs),
-                evaluation_samples=sum(len(run['evaluations']) * backend.evaluation_samples('select') for run in runs) +
+                evaluation_samples=sum(run_evaluation_samples(backend, run) for run in runs) +
                 sum(backend.evaluation_samples(e['purpose']) for e in evaluations),
                 reference_samples=samples,
                 mle_equivalents=sum(run_cost(backend, run) for run in runs) + samples * backend.sample_cost('reference') +
