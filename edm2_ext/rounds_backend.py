@@ -112,7 +112,7 @@ class RoundsBackend(Backend):
 
     def snapshots(self, run_dir, up_to) -> list:
         return [(run_files.snapshot_kimg(path), path) for path in run_files.list_snapshots(run_dir)
-                if 0 < run_files.snapshot_kimg(path) <= up_to // 1000]
+                if 0 < run_files.snapshot_kimg(path) <= self.evaluation_step(up_to)]
 
     def race_evaluation(self, snapshots, samples, dest, store) -> Command:
         first = parse_seeds(self.evaluation_seeds('select'))[:samples]   # each level extends the one before
@@ -125,6 +125,10 @@ class RoundsBackend(Backend):
     def read_race(self, path) -> dict:
         with open(path) as f:
             return {row['snapshot']: row for row in json.load(f)['results']}
+
+    def evaluation_step(self, steps) -> int:
+        """Snapshots are named by kimg, images // 1000, as upstream names them."""
+        return steps // 1000
 
     def train_images(self, options, steps) -> int:
         return steps

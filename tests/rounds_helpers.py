@@ -93,11 +93,11 @@ def read_manifest(workdir):
 
 
 def comparable(obj, ignore=()):
-    """The manifest minus what differs between two runs of the same work: wall times, how often a job was interrupted,
+    """The manifest minus what differs between two runs of the same work: wall times (and a round's `times`), how often a job was interrupted,
     and file hashes (torch pickles name tensor storages by memory address, so equal weights do not give equal bytes);
     and the keys in `ignore`."""
     if isinstance(obj, dict):
-        return {k: comparable(v, ignore) for k, v in obj.items() if k not in ('wall_seconds', 'interruptions', 'sha256', *ignore)}
+        return {k: comparable(v, ignore) for k, v in obj.items() if k not in ('wall_seconds', 'times', 'interruptions', 'sha256', *ignore)}
     if isinstance(obj, list):
         return [comparable(v, ignore) for v in obj]
     return obj
@@ -162,5 +162,8 @@ def check_halving_round(workdir, r):
     assert not (workdir / 'round01' / 'a1_b0.1.to4.sh').exists() and not (workdir / 'round01' / 'a3_b0.1.sh').exists()
     assert (r['chosen']['run'], r['chosen']['step'], r['chosen']['score']) == ('a4_b0.1', 8, pytest.approx(10 - 0.4 * 8))
     # Cost: 16 images at 2.5, and 10 samples (the scripted evaluation) at 1 for 8 evaluations and the reference's.
+    # Per stage: the reference's evaluation; 4 points x 2 steps and an evaluation each; 2 x 2 and 2; a4's last 4 and 2.
     assert r['cost'] == dict(train_images=16, evaluation_samples=90, reference_samples=0,
-                             mle_equivalents=pytest.approx(16 * 2.5 + 90))
+                             mle_equivalents=pytest.approx(16 * 2.5 + 90),
+                             stages={'reference': 10, 'rung 2': 20 + 40, 'rung 4': 10 + 20, 'end': 10 + 20, 'report': 0})
+    assert [(t['stage'], t['jobs']) for t in r['times']] == [('reference', 1), ('rung 2', 4), ('rung 4', 2), ('end', 1)]

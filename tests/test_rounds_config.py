@@ -413,7 +413,15 @@ def test_halving_with_racing_makes_the_same_decisions_for_fewer_samples(tmp_path
         (2, 2, 4, 2), (2, 5, 2, 0), (2, 10, 2, 0), (4, 2, 2, 1), (4, 5, 1, 0), (4, 10, 1, 0), (8, 2, 2, 1), (8, 5, 1, 0), (8, 10, 1, 0)]
     assert all('evaluate' not in command for run in r['runs'] for command in run['commands'])   # the jobs only train
     assert r['cost'] == dict(train_images=16, evaluation_samples=48 + 10, reference_samples=0,
-                             mle_equivalents=pytest.approx(16 * 2.5 + 58))
+                             mle_equivalents=pytest.approx(16 * 2.5 + 58),
+                             stages={'reference': 10, 'rung 2': 20 + 24, 'rung 4': 10 + 12, 'end': 10 + 12, 'report': 0})
+    # the training jobs and the three race levels of each stage
+    assert [(t['stage'], t['jobs']) for t in r['times']] == [('reference', 1), ('rung 2', 4 + 3), ('rung 4', 2 + 3), ('end', 1 + 3)]
+    report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
+    assert '- round 1: 8 snapshots, 48 samples against 80 in full (60%); 4 scored in full' in report
+    assert '  - round01/a1_b0.1/snapshot-2.json: stopped at 2 samples, P(beats round01/a4_b0.1/snapshot-2.json) = 0.0' in report
+    assert '| 1 | rung 2 | 44 | 45% | 7 |' in report and '| 1 | all | 98 | 100% | 17 |' in report
+    assert '| raced out | raced out | 9.5 (stopped at 4) | 6.9 |' in report
     # A rerun finds every level decided and changes nothing.
     again = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, evaluate=RACING), '--workdir', str(workdir)])
     assert again.exit_code == 0 and comparable(read_manifest(workdir)) == comparable(dict(read_manifest(workdir), rounds=[r]))

@@ -142,6 +142,10 @@ class Backend:
         """{snapshot: {'score', 'bootstrap': [score over each resample]}} from a race level's `dest`."""
         raise NotImplementedError
 
+    def evaluation_step(self, steps) -> int:
+        """The `step` an evaluation of the snapshot written after `steps` steps (run.duration's unit) records."""
+        return steps
+
     def train_images(self, options, steps) -> int:
         """Real images a run has trained on after `steps` steps (run.duration's unit)."""
         raise NotImplementedError

@@ -352,7 +352,8 @@ def _run_round(workdir, cfg, backend, launcher, m, record, retry_failed) -> bool
     if not _report(workdir, cfg, backend, launcher, m, record):
         save()
         return False
-    record['cost'] = sweep.round_cost(backend, record)
+    record['cost'] = sweep.round_cost(backend, record, sweep.stages(cfg))
+    record['times'] = sweep.stage_times(workdir, record, cfg.duration)
     record['status'] = 'done'
     save()
     return True

@@ -77,7 +77,8 @@ def table(m) -> str:
     rows = []
     for r, cost in zip(m['rounds'], cost_rows(m)):
         by_name = {run['name']: run for run in r['runs']}
-        cells = [('' if n not in by_name else 'failed' if not by_name[n]['best'] else _score(by_name[n]['best']['score']) +
+        cells = [('' if n not in by_name else 'failed' if by_name[n]['status'] == 'failed' else
+                  'raced out' if not by_name[n]['best'] else _score(by_name[n]['best']['score']) +
                   (f' (stopped at {by_name[n]["stopped_at"]})' if by_name[n]['status'] == 'stopped' else '')) for n in names]
         report = r.get('report') or {}
         rows.append([str(r['round']), _score(r['reference_score'])] + cells +
@@ -90,7 +91,49 @@ def table(m) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |' for row in rows]
     note = ('\nScores select on the evaluation seeds (a sweep point is chosen only if it beats the reference); '
             '"report" columns score the same snapshots on seeds that selected nothing.\n' if reported else '')
-    return '\n'.join(lines) + '\n' + note + control_table(m)
+    return '\n'.join(lines) + '\n' + note + control_table(m) + stage_table(m) + race_text(m)
+
+
+def stage_table(m) -> str:
+    """Per round and stage: the modelled cost (MLE-image equivalents) beside the measured time: jobs, their seconds
+    summed (each with its start-up) and the wall time from the first start to the last end."""
+    rounds = [r for r in m['rounds'] if r.get('times') and 'stages' in (r.get('cost') or {})]
+    if not rounds:
+        return ''
+    lines = ['', 'Cost and time per stage (modelled: MLE-image equivalents; measured: the jobs\' own wall seconds, '
+                 'each including its start-up):', '',
+             '| round | stage | cost (MLE-image eq.) | share | jobs | job seconds | wall seconds |', '|---|---|---|---|---|---|---|']
+    for r in rounds:
+        times = {t['stage']: t for t in r['times']}
+        total = r['cost']['mle_equivalents']
+        for stage, cost in r['cost']['stages'].items():
+            t = times.get(stage, dict(jobs=0, job_seconds=0, wall_seconds=0))
+            if cost or t['jobs']:
+                lines.append(f'| {r["round"]} | {stage} | {cost:.4g} | {100 * cost / total:.0f}% | {t["jobs"]} | '
+                             f'{t["job_seconds"]} | {t["wall_seconds"]:.0f} |')
+        lines.append(f'| {r["round"]} | all | {total:.4g} | 100% | {sum(t["jobs"] for t in times.values())} | '
+                     f'{sum(t["job_seconds"] for t in times.values())} | {sum(t["wall_seconds"] for t in times.values()):.0f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def race_text(m) -> str:
+    """With racing: per round, the samples each snapshot reached against scoring all of them in full, and why the
+    stopped ones stopped."""
+    rounds = [r for r in m['rounds'] if (r.get('race') or {}).get('snapshots')]
+    if not rounds:
+        return ''
+    lines = ['', 'Racing (evaluate.policy = "racing"): samples per snapshot; a snapshot stops when the paired bootstrap '
+                 'gives it less than evaluate.race_threshold of beating the leader:', '']
+    for r in rounds:
+        entries = r['race']['snapshots']
+        full = max(level['samples'] for level in r['race']['levels'])
+        spent = sum(e['samples'] for e in entries.values())
+        lines.append(f'- round {r["round"]}: {len(entries)} snapshots, {spent} samples against {len(entries) * full} in full '
+                     f'({100 * spent / (len(entries) * full):.0f}%); '
+                     f'{sum(e["status"] == "final" for e in entries.values())} scored in full')
+        lines += [f'  - {path}: stopped at {e["samples"]} samples, {e["reason"]}' for path, e in sorted(entries.items())
+                  if e['status'] == 'stopped']
+    return '\n'.join(lines) + '\n'
 
 
 def noise(m) -> dict | None:
@@ -178,7 +221,8 @@ def plot(m, path):
 
 def round_diagnostics(m, workdir, r) -> list:
     """The runs of round `r` that have a training log, as `diagnostics.plot` takes them: each sweep point and the
-    control, read through the config's backend, its evaluations after the round's reference score (step 0)."""
+    control, read through the config's backend, its evaluations after the round's reference score (step 0); with
+    racing only those scored on every selection seed (a score on fewer samples is biased: FID grows as n shrinks)."""
     backend = load_backend_class(m['config']['backend'])
     runs = []
     for run in r['runs'] + ([r['control']] if r.get('control') else []):
@@ -188,7 +232,7 @@ def round_diagnostics(m, workdir, r) -> list:
             continue
         start = r['control']['start']['score'] if run['name'] == 'control' else r['reference_score']
         evaluations = ([dict(step=0, score=start)] if start is not None else []) + \
-            [dict(step=e['step'], score=e['score']) for e in run['evaluations']]
+            [dict(step=e['step'], score=e['score']) for e in run['evaluations'] if e.get('status', 'final') == 'final']
         runs.append(dict(name=run['name'], beta=run['beta'], log=log, evaluations=evaluations,
                          flags=diagnostics.check(log, run['beta'], evaluations)))
     return runs

@@ -19,11 +19,21 @@ Cost is counted in MLE-image equivalents, the cost of one maximum-likelihood tra
 backward, about three network evaluations): a DDO training image costs `backend.ddo_image_cost` of them
 (measured: 2.5 for EDM2, 3.4 for VAR with its online sampling, benchmarks/step_cost.py), a generated sample
 `backend.sample_cost` (EDM2: 2 steps - 1 network evaluations, a third of an image each).
+
+Wall time is measured, not modelled: every job writes its start (`.starts`) and its wall seconds (`.status`), so
+`stage_times` reads back, per stage of a round, how many jobs ran, their seconds summed (each with its own
+start-up: interpreter, imports, loading the model) and the time from the first start to the last end.
 """
 
 from __future__ import annotations
 
+import datetime
+import glob
+import os
 import random
+import re
+
+from ddo_patch.rounds import manifest
 
 
 def round_points(cfg, previous, round_idx) -> list:
@@ -63,17 +73,88 @@ def run_evaluation_samples(backend, run) -> int:
     return sum(e.get('samples', backend.evaluation_samples('select')) for e in run['evaluations'])
 
 
-def round_cost(backend, record) -> dict:
+def round_cost(backend, record, steps) -> dict:
     """What the round spent (its control included): images trained, samples generated, and all of it in MLE-image
-    equivalents; with a control, also what the control's run cost alone (its training and evaluations)."""
+    equivalents, in all and per stage (`stage_costs`); with a control, also what the control's run cost alone."""
     evaluations = [e for e in [record['reference_evaluation']] + list((record.get('report') or {}).values())
                    if e and e.get('source') == 'evaluated']
     runs = record['runs'] + ([record['control']] if record.get('control') else [])
     samples = backend.reference_sample_count(record['round']) if record.get('reference_samples') else 0
+    stages = stage_costs(backend, record, steps)
     return dict(train_images=sum(run['images'] for run in runs),
                 evaluation_samples=sum(run_evaluation_samples(backend, run) for run in runs) +
                 sum(backend.evaluation_samples(e['purpose']) for e in evaluations),
-                reference_samples=samples,
-                mle_equivalents=sum(run_cost(backend, run) for run in runs) + samples * backend.sample_cost('reference') +
-                sum(backend.evaluation_cost(e['purpose']) for e in evaluations),
+                reference_samples=samples, mle_equivalents=sum(stages.values()), stages=stages,
                 **({'control_mle_equivalents': run_cost(backend, record['control'])} if record.get('control') else {}))
+
+
+def stage_names(steps) -> list:
+    """The stages of a round whose sweep trains to `steps` (the rungs, then the end), with the round's own around them."""
+    return ['reference'] + [f'rung {step}' for step in steps[:-1]] + ['end', 'report']
+
+
+def stage_costs(backend, record, steps) -> dict:
+    """MLE-image equivalents per stage (`stage_names`): the reference's samples and evaluation; per rung and the end,
+    the images each run trained in that stage and the samples of the snapshots written in it (with racing, what
+    each reached); the report's evaluations. The control trains and is evaluated in the end stage."""
+    names = stage_names(steps)
+    costs = dict.fromkeys(names, 0.0)
+    if record.get('reference_samples'):
+        costs['reference'] += backend.reference_sample_count(record['round']) * backend.sample_cost('reference')
+    for key, entry in [('reference', record['reference_evaluation'])] + [('report', e) for e in (record.get('report') or {}).values()]:
+        if entry and entry.get('source') == 'evaluated':
+            costs[key] += backend.evaluation_cost(entry['purpose'])
+    if record.get('control'):
+        costs['end'] += run_cost(backend, record['control'])
+    for run in record['runs']:
+        image_cost = 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
+        reached = run.get('stopped_at') or steps[-1]
+        for name, begin, end in zip(names[1:-1], [0] + list(steps), steps):
+            if begin < reached:
+                costs[name] += (backend.train_images(run['options'], min(end, reached)) - backend.train_images(run['options'], begin)) * image_cost
+        for e in run['evaluations']:
+            stage = names[1 + next(i for i, step in enumerate(steps) if e['step'] <= backend.evaluation_step(step))]
+            costs[stage] += e.get('samples', backend.evaluation_samples('select')) * backend.sample_cost('select')
+    return costs
+
+
+def _stage_of(job: str, duration: int) -> str:
+    """The stage a job of a round belongs to, from its path inside the round directory."""
+    rung = re.fullmatch(r'.+\.to(\d+)', job) or re.fullmatch(r'race/race-(\d+)-n\d+', job)
+    if job.startswith(('reference-samples', 'reference-evaluation')):
+        return 'reference'
+    if job.startswith('report-'):
+        return 'report'
+    if rung and int(rung.group(1)) != duration:
+        return f'rung {rung.group(1)}'
+    return 'end'
+
+
+def _start_times(path) -> list:
+    """The UTC start times a job's `.starts` file lists (one line per start: a requeued job starts again)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [datetime.datetime.strptime(line.split()[0], '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=datetime.timezone.utc).timestamp()
+                for line in f if line.strip()]
+
+
+def stage_times(workdir, record, duration) -> list:
+    """Per stage of the round (reference, each rung, end, report, in that order): {'stage', 'jobs', 'job_seconds',
+    'wall_seconds' from the first job's start to the last one's end}, read from the jobs' own files."""
+    stages = {}
+    round_dir = os.path.join(workdir, record['dir'])
+    for status_path in glob.glob(os.path.join(round_dir, '**', '*.status'), recursive=True):
+        path = status_path[:-len('.status')]
+        status, stamps = manifest.read_json(status_path), _start_times(f'{path}.starts')
+        if not status or not stamps:
+            continue
+        stage = stages.setdefault(_stage_of(os.path.relpath(path, round_dir), duration), dict(jobs=0, job_seconds=0,
+                                                                                         first=stamps[0], last=0.0))
+        stage['jobs'] += 1
+        stage['job_seconds'] += status['wall_seconds']
+        stage['first'] = min(stage['first'], stamps[0])
+        stage['last'] = max(stage['last'], stamps[-1] + status['wall_seconds'])
+    order = lambda name: (name != 'reference', name == 'end', name == 'report', int(name.split()[-1]) if name.startswith('rung') else 0)  # noqa: E731
+    return [dict(stage=name, jobs=stages[name]['jobs'], job_seconds=stages[name]['job_seconds'],
+                 wall_seconds=stages[name]['last'] - stages[name]['first']) for name in sorted(stages, key=order)]
