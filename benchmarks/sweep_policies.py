@@ -1,22 +1,31 @@
-"""Full grid vs successive halving (vs halving + carry-over) on the digits benchmark: same model, grid, seeds.
+"""Sweep and evaluation policies on the digits benchmark, replicated: the full grid, successive halving, halving
+with racing, and a random subset of the grid at the cost of halving + racing; 3 rounds x 3 replicates each.
 
     pip install -e '.[digits]' && ddo-patch fetch edm2
     python benchmarks/sweep_policies.py --outdir runs/digits     # the digits.py work directory; rerun to resume
 
 Uses stages 1-2 of benchmarks/digits.py in the same --outdir (data, classifier, the 416Ki MLE model; made here
-when missing, reused when there), then runs three rounds of `ddo-patch rounds run` per policy, each in
-OUT/sweep-POLICY, on one 4 x 3 (alpha, beta) grid evaluated every 1Ki images on the selection seeds:
-  grid            every point runs the whole round (the paper's sweep)
-  halving         rungs at 1Ki and 2Ki images keep the better quarter (12 -> 3 -> 1 points)
-  halving+carry   the same, and rounds 2-3 sweep only the neighbours of the last choice (at most 3 x 3)
-Each policy's cost is the manifest's (MLE-image equivalents: training images, evaluation and reference samples).
-Each policy's round-3 model, and the MLE model, are then scored on two disjoint report-size seed sets, disjoint
-from selection: the spread between the two sets is the metric's own noise. Writes OUT/sweep_policies.{md,json,png}.
+when missing, reused when there). Every policy runs `ddo-patch rounds run` on one 3 x 3 (alpha, beta) grid, 4Ki
+images per point and round, a snapshot every 1Ki scored on 500 selection seeds (0-499), in OUT/policies/POLICY-sSEED:
+  grid            every point runs the whole round, every snapshot scored on all 500 seeds (the paper's sweep)
+  halving         rungs at 1Ki and 2Ki keep the best third (9 -> 3 -> 1 points)
+  halving+racing  the same, each snapshot first scored on 50 seeds, then 150, then all 500 while it could still be
+                  the round's best (evaluate.policy = "racing", threshold 0.05; ddo_patch.racing)
+  random          `count` points drawn from the grid per round (sweep.policy = "random"), each run in full, count
+                  chosen so that its cost matches halving + racing's (mean over its replicates)
+A replicate (1, 2, 3) sets the training seed (data order, noise), the reference-sample seeds and the random draw.
+Each (policy, replicate)'s round-3 model is scored on 5000 report seeds (100000-104999, disjoint from selection)
+against the training split, and in 300-sample chunks against the 300 held-out images; cost is the manifests'
+(MLE-image equivalents), time the jobs' own seconds (`times`, per stage). The levels and the threshold were set
+before any run and not tuned. Calibration: the bootstrap's spread of FID, and of the difference of two models,
+against the spread over 10 disjoint seed sets (seeds 300000 on), at each race level.
+Writes OUT/sweep_policies.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
@@ -26,96 +35,206 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits as bench  # noqa: E402  (the sibling benchmark: its data, pretraining, evaluator and round runner)
+import digits_report  # noqa: E402
 
+from ddo_patch import racing  # noqa: E402
 from ddo_patch.files import write_atomic  # noqa: E402
+from ddo_patch.metrics import feature_statistics, frechet_distance  # noqa: E402
+from edm2_ext import digits  # noqa: E402
 
+SELECT = 500
+RACE_SAMPLES = [50, 150]
 # The policies compare what DDO's sweep spends: the config's matched control is left out.
-GRID = {'sweep.alpha': '[0.5, 1, 2, 4]', 'sweep.beta': '[0.03, 0.1, 0.3]', 'run.eval_every': '"1Ki"', 'train.checkpoint': '"1Ki"',
+GRID = {'sweep.alpha': '[0.5, 1, 2]', 'sweep.beta': '[0.03, 0.1, 0.3]', 'run.eval_every': '"1Ki"', 'train.checkpoint': '"1Ki"',
         'control.objective': None, 'control.start': None}
-HALVING = {'sweep.policy': '"halving"', 'sweep.rungs': '["1Ki", "2Ki"]', 'sweep.keep': '0.25'}
-POLICIES = {'grid': GRID, 'halving': dict(GRID, **HALVING), 'halving+carry': dict(GRID, **HALVING, **{'sweep.carry': 'true'})}
-REPORT_FIRST = (100_000, 200_000)   # two disjoint report-size seed sets, as digits.py's report and noise sets
+HALVING = dict(GRID, **{'sweep.policy': '"halving"', 'sweep.rungs': '["1Ki", "2Ki"]', 'sweep.keep': '0.333'})
+RACING = dict(HALVING, **{'evaluate.policy': '"racing"', 'evaluate.race_samples': str(RACE_SAMPLES), 'evaluate.race_threshold': '0.05'})
+POLICIES = {'grid': GRID, 'halving': HALVING, 'halving+racing': RACING, 'random': None}   # random's count: from halving+racing
+REPLICATES = (1, 2, 3)
+REPORT_FIRST, REPORT = 100_000, 5000
+CALIBRATION_FIRST, CALIBRATION_SETS = 300_000, 10
+
+
+def policy_values(name, seed, count=None) -> dict:
+    values = dict(GRID, **{'sweep.policy': '"random"', 'sweep.count': str(count), 'sweep.seed': str(seed)}) if name == 'random' \
+        else POLICIES[name]
+    return dict(values, **bench.replicate_values(seed))
+
+
+def run_policy(out, size, pretrained, name, seed, count=None) -> dict:
+    start = time.time()
+    workdir = f'policies/{name}-s{seed}'
+    manifest = bench.rounds(out, size, pretrained, f'0-{SELECT - 1}', policy_values(name, seed, count), workdir)
+    rounds = manifest['rounds']
+    bench.log(f'    {name} s{seed}: ' + '; '.join(f'round {r["round"]} {len(r["runs"])} points, chose {r["chosen"]["run"]} '
+                                                  f'({r["chosen"]["score"]:.3f}), cost {r["cost"]["mle_equivalents"]:.4g}' for r in rounds))
+    return dict(policy=name, seed=seed, workdir=workdir, manifest=manifest, elapsed_this_invocation=time.time() - start)
+
+
+def sweep_cost(manifest) -> float:
+    """A policy's cost without the reference's samples and evaluation, which every policy pays alike."""
+    return sum(r['cost']['mle_equivalents'] - r['cost']['stages']['reference'] for r in manifest['rounds'])
+
+
+# What one grid point costs in a round: 4Ki DDO images at 2.5 and 4 evaluations on every selection seed, each sample
+# 2 x 16 - 1 network evaluations at a third of an image (configs/digits-edm2.toml: evaluate.steps = 16).
+FULL_POINT_COST = 4096 * 2.5 + 4 * SELECT * (2 * 16 - 1) / 3
+
+
+def summary(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    return dict(mean=float(values.mean()), sd=float(values.std(ddof=1)) if len(values) > 1 else 0.0, values=values.tolist())
+
+
+def calibration(ev, models) -> list:
+    """At each race level n: the spread of FID over disjoint seed sets of n against the bootstrap's, for each model
+    and for the difference of the two (paired: the same seeds)."""
+    rows = []
+    for n in RACE_SAMPLES + [SELECT]:
+        features = {name: [ev.detector(ev.images(path, bench.seed_list(CALIBRATION_FIRST + i * n, n))).numpy()
+                           for i in range(CALIBRATION_SETS)] for name, path in models.items()}
+        indices = racing.resample_indices(n, racing.DEFAULT_BOOTSTRAP)
+        scored = {name: [racing.frechet_to_reference(x, *ev.real_stats, indices) for x in sets] for name, sets in features.items()}
+        a, b = list(models)
+        difference = [sa[0] - sb[0] for sa, sb in zip(scored[a], scored[b])]
+        rows.append(dict(samples=n, **{name: dict(fid=summary([s[0] for s in scores]),
+                                                  bootstrap_sd=float(np.mean([s[1].std() for s in scores])))
+                                       for name, scores in scored.items()},
+                         difference=dict(fid=summary(difference),
+                                         bootstrap_sd=float(np.mean([(sa[1] - sb[1]).std() for sa, sb in zip(scored[a], scored[b])])))))
+        bench.log(f'    calibration at {n}: ' + ', '.join(
+            f'{k}: sd over sets {v["fid"]["sd"]:.3f}, bootstrap {v["bootstrap_sd"]:.3f}' for k, v in rows[-1].items() if k != 'samples'))
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--outdir', required=True, help='The digits.py work directory (its stages 1-2 are reused); rerun to resume.')
-    parser.add_argument('--policies', default=','.join(POLICIES), help='Comma-separated subset of %(default)s.')
-    parser.add_argument('--select-seeds', type=int, default=500, help='Samples that select (rungs, snapshots).')
-    parser.add_argument('--report-seeds', type=int, default=5000, help='Samples per report seed set (two disjoint sets).')
+    parser.add_argument('--jobs', type=int, default=2, help='(policy, replicate) chains that run at once (one core each).')
     args = parser.parse_args()
-    names = args.policies.split(',')
-    unknown = sorted(set(names) - set(POLICIES))
-    if unknown:
-        sys.exit(f'--policies: unknown {", ".join(unknown)}; choose from {", ".join(POLICIES)}')
     out, size, t0 = os.path.abspath(args.outdir), dict(bench.SIZES['full']), time.time()
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, 'policies'), exist_ok=True)
     bench.log('data and classifier; the MLE model (benchmarks/digits.py stages 1-2)')
     bench.digits.make_digits(os.path.join(out, 'data'))
     pretrained = bench.mle(out, size, os.path.join(out, 'pretrain'), size['duration'], 'pretrain.log')
     size['config'] = dict(size['config'], pretraining_images=f'"{size["duration"]}Ki"')
 
-    manifests, walls = {}, {}
-    for name in names:
-        bench.log(f'policy {name}: 3 rounds (OUT/sweep-{name}.log)')
-        start = time.time()
-        manifests[name] = bench.rounds(out, size, pretrained, f'0-{args.select_seeds - 1}',
-                                       POLICIES[name], f'sweep-{name}')
-        walls[name] = time.time() - start   # a resumed policy counts only this invocation
-        for record in manifests[name]['rounds']:
-            bench.log(f'    round {record["round"]}: {len(record["runs"])} points, chosen {record["chosen"]["run"]} '
-                      f'(selection {record["chosen"]["score"]:.3f}), cost {record["cost"]["mle_equivalents"]:.4g}')
+    bench.log(f'3 rounds per policy and replicate, {args.jobs} at a time (OUT/policies/*.log)')
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        # the racing chains first (random's cost is theirs), the grid's (the longest) beside them
+        order = [(name, seed) for seed in REPLICATES for name in ('halving+racing', 'grid')] + [('halving', s) for s in REPLICATES]
+        futures = {pool.submit(run_policy, out, size, pretrained, name, seed): (name, seed) for name, seed in order}
+        count = None
+        while futures:
+            done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                results[futures.pop(future)] = future.result()
+            if count is None and all(('halving+racing', s) in results for s in REPLICATES):
+                racing_cost = np.mean([sweep_cost(results[('halving+racing', s)]['manifest']) for s in REPLICATES]) / 3
+                count = max(1, round(racing_cost / FULL_POINT_COST))
+                bench.log(f'    random subset: {count} point(s) per round (halving + racing spent {racing_cost:.4g} a round '
+                          f'besides the reference)')
+                futures.update({pool.submit(run_policy, out, size, pretrained, 'random', s, count): ('random', s) for s in REPLICATES})
 
+    bench.log(f'report: each chain\'s round-3 model on {REPORT} report seeds')
     ev, cache = bench.Evaluator(out, size['steps']), bench.Cache(os.path.join(out, 'scores.json'))
+    heldout_images, heldout_labels = digits.read_dataset(os.path.join(out, 'data', 'heldout.zip'))
+    scorer = digits_report.Scorer(ev, heldout_images, heldout_labels)
+    seeds = bench.seed_list(REPORT_FIRST, REPORT)
+    labels = np.asarray(seeds) % digits.CLASSES
+
+    def score(path):
+        model = dict(path=path)
+        return cache.get(f'report {bench.sample_key(out, model)} {REPORT}',
+                         lambda: scorer.score(bench.report_samples(out, ev, model, seeds), labels))
+
+    mle = score(pretrained)
     rows = []
-    models = {'MLE (round 0)': pretrained, **{name: bench.chosen_models(out, manifests[name], pretrained, f'sweep-{name}')[-1][1] for name in names}}
-    for name, path in models.items():
-        fids = [cache.get(f'{os.path.relpath(path, out)} 1 seeds {first} report {args.report_seeds}',
-                          lambda p=path, f=first: ev.evaluate(p, bench.seed_list(f, args.report_seeds)))['fid'] for first in REPORT_FIRST]
-        manifest = manifests.get(name)
-        rounds = manifest['rounds'] if manifest else []
-        rows.append(dict(policy=name, fid_sets=fids, fid_mean=float(np.mean(fids)),
-                         cost=sum(r['cost']['mle_equivalents'] for r in rounds) if rounds else None,
-                         train_images=sum(r['cost']['train_images'] for r in rounds) if rounds else None,
-                         points=[len(r['runs']) for r in rounds],
-                         chosen=[dict(round=r['round'], run=r['chosen']['run'], selection=r['chosen']['score']) for r in rounds],
-                         stopped=[[s for rung in r.get('rungs') or [] for s in rung['stopped']] for r in rounds],
-                         wall_seconds_this_invocation=walls.get(name)))
-        bench.log(f'    {name}: FID {fids[0]:.3f} / {fids[1]:.3f} on two {args.report_seeds}-seed sets')
-    grid = next((r for r in rows if r['policy'] == 'grid'), None)
-    result = dict(rows=rows, report_samples=args.report_seeds, select_samples=args.select_seeds,
-                  grid=POLICIES['grid'], halving=HALVING, wall_seconds=time.time() - t0)
+    for (name, seed), result in sorted(results.items(), key=lambda item: (list(POLICIES).index(item[0][0]), item[0][1])):
+        manifest = result['manifest']
+        final = bench.chosen_models(out, manifest, pretrained, result['workdir'])[-1][1]
+        scores = score(final)
+        rows.append(dict(policy=name, seed=seed, fid=scores['fid'], heldout_fid=scores['heldout']['fid']['mean'],
+                         cost=sum(r['cost']['mle_equivalents'] for r in manifest['rounds']), sweep_cost=sweep_cost(manifest),
+                         job_seconds=sum(t['job_seconds'] for r in manifest['rounds'] for t in r['times']),
+                         jobs=sum(t['jobs'] for r in manifest['rounds'] for t in r['times']),
+                         points=[len(r['runs']) for r in manifest['rounds']],
+                         chosen=[dict(run=r['chosen']['run'], step=r['chosen']['step'], selection=r['chosen']['score']) for r in manifest['rounds']],
+                         samples=sum(r['cost']['evaluation_samples'] for r in manifest['rounds'])))
+        bench.log(f'    {name} s{seed}: FID {rows[-1]["fid"]:.3f} (held-out {rows[-1]["heldout_fid"]:.2f}), cost {rows[-1]["cost"]:.4g}, '
+                  f'{rows[-1]["job_seconds"]} job seconds')
+    noise_fid = cache.get(f'report {bench.sample_key(out, dict(path=pretrained))} seeds 200000 {REPORT}',
+                          lambda: ev.evaluate(pretrained, bench.seed_list(200_000, REPORT)))['fid']
+
+    bench.log('calibration of the bootstrap against disjoint seed sets')
+    grid_one = bench.chosen_models(out, results[('grid', 1)]['manifest'], pretrained, results[('grid', 1)]['workdir'])[0][1]
+    calib = cache.get(f'racing calibration {os.path.relpath(grid_one, out)} {CALIBRATION_SETS}',
+                      lambda: calibration(ev, {'MLE': pretrained, 'grid s1 round 1': grid_one}))
+
+    policies = summarise(rows)
+    result = dict(rows=rows, policies=policies, mle=dict(fid=mle['fid'], heldout_fid=mle['heldout']['fid']['mean'], noise_fid=noise_fid),
+                  calibration=calib, select_samples=SELECT, race_samples=RACE_SAMPLES, report_samples=REPORT,
+                  random_count=results[('random', 1)]['manifest']['config']['sweep']['count'],
+                  real_halves_fid=frechet_distance(*feature_statistics(ev.real[:748]), *feature_statistics(ev.real[748:1496])),
+                  wall_seconds_this_invocation=time.time() - t0)
     write_atomic(os.path.join(out, 'sweep_policies.json'), lambda f: f.write(json.dumps(result, indent=2).encode()))
-    write_report(out, rows, grid, args.report_seeds)
+    write_report(out, result)
     bench.log(f'done in {time.time() - t0:.0f} s: {out}/sweep_policies.md, .json, .png')
 
 
-def write_report(out, rows, grid, report):
-    lines = [f'| policy | points per round | chosen (selection FID) | FID, report seed sets A / B ({report} each) | '
-             'cost (MLE-image eq.) | vs grid | training images |', '|---|---|---|---|---|---|---|']
-    for row in rows:
-        cost = '-' if row['cost'] is None else f'{row["cost"]:.4g}'
-        ratio = f'{100 * row["cost"] / grid["cost"]:.0f}%' if grid and row['cost'] is not None else '-'
-        chosen = ', '.join(f'{c["run"]} ({c["selection"]:.2f})' for c in row['chosen']) or '-'
-        images = '-' if row['train_images'] is None else f'{row["train_images"] // 1024}Ki'
-        lines.append(f'| {row["policy"]} | {"/".join(map(str, row["points"])) or "-"} | {chosen} | '
-                     f'{row["fid_sets"][0]:.3f} / {row["fid_sets"][1]:.3f} | {cost} | {ratio} | {images} |')
+def summarise(rows) -> dict:
+    grid = [row for row in rows if row['policy'] == 'grid']
+    policies = {}
+    for name in POLICIES:
+        mine = [row for row in rows if row['policy'] == name]
+        if not mine:
+            continue
+        policies[name] = dict(fid=summary([r['fid'] for r in mine]), heldout_fid=summary([r['heldout_fid'] for r in mine]),
+                              cost=summary([r['cost'] for r in mine]), job_seconds=summary([r['job_seconds'] for r in mine]),
+                              cost_vs_grid=float(np.mean([r['cost'] for r in mine]) / np.mean([r['cost'] for r in grid])) if grid else None,
+                              seconds_vs_grid=float(np.mean([r['job_seconds'] for r in mine]) / np.mean([r['job_seconds'] for r in grid])) if grid else None,
+                              sweep_cost_vs_grid=float(np.mean([r['sweep_cost'] for r in mine]) / np.mean([r['sweep_cost'] for r in grid])) if grid else None)
+    return policies
+
+
+def write_report(out, result):
+    fmt = lambda s: f'{s["mean"]:.3f} ± {s["sd"]:.3f}'  # noqa: E731
+    lines = ['| policy | FID vs training (mean ± sd over 3 replicates) | per replicate | FID vs held-out | cost (MLE-image eq., 3 rounds) '
+             '| vs grid | without the reference samples, vs grid | job seconds | vs grid |', '|---|---|---|---|---|---|---|---|---|']
+    mle = result['mle']
+    lines.append(f'| MLE (round 0) | {mle["fid"]:.3f} | - | {mle["heldout_fid"]:.2f} | - | - | - | - | - |')
+    for name, p in result['policies'].items():
+        lines.append(f'| {name} | {fmt(p["fid"])} | {" / ".join(f"{v:.3f}" for v in p["fid"]["values"])} | {fmt(p["heldout_fid"])} | '
+                     f'{p["cost"]["mean"]:.4g} | {100 * p["cost_vs_grid"]:.0f}% | {100 * p["sweep_cost_vs_grid"]:.0f}% | '
+                     f'{p["job_seconds"]["mean"]:.0f} | {100 * p["seconds_vs_grid"]:.0f}% |')
+    lines += ['', f'Noise: the MLE model on two disjoint {result["report_samples"]}-seed sets: {mle["fid"]:.3f} / {mle["noise_fid"]:.3f}.', '',
+              '| race level (samples) | model | FID sd over 10 disjoint seed sets | bootstrap sd (mean) |', '|---|---|---|---|']
+    for row in result['calibration']:
+        for key, value in row.items():
+            if key != 'samples':
+                lines.append(f'| {row["samples"]} | {key} | {value["fid"]["sd"]:.3f} | {value["bootstrap_sd"]:.3f} |')
     with open(os.path.join(out, 'sweep_policies.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
-    plot(os.path.join(out, 'sweep_policies.png'), rows)
+    plot(os.path.join(out, 'sweep_policies.png'), result)
 
 
-def plot(path, rows):
-    """Report FID (both seed sets) against what each policy spent."""
+def plot(path, result):
+    """Report FID (training split, and held-out) against what each replicate of each policy spent."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
-    for i, row in enumerate(rows):
-        x = row['cost'] or 0
-        ax.plot([x, x], row['fid_sets'], 'o-', color=f'C{i}', label=row['policy'])
-    ax.set(xlabel='cost of 3 rounds (MLE-image equivalents; 0 = the MLE model)', ylabel='report FID (two seed sets)')
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    for ax, key, label in zip(axes, ('fid', 'heldout_fid'), ('FID vs training split', 'FID vs held-out (300-sample chunks)')):
+        for i, name in enumerate(result['policies']):
+            mine = [r for r in result['rows'] if r['policy'] == name]
+            ax.plot([r['cost'] for r in mine], [r[key] for r in mine], 'o', color=f'C{i}', label=name, alpha=0.8)
+            ax.errorbar([np.mean([r['cost'] for r in mine])], [np.mean([r[key] for r in mine])],
+                        yerr=[np.std([r[key] for r in mine], ddof=1)], color=f'C{i}', marker='_', markersize=14, capsize=3)
+        ax.axhline(result['mle'][key], color='grey', ls=':', label='MLE model')
+        ax.set(xscale='log', xlabel='cost of 3 rounds (MLE-image equivalents)', ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle('digits: 3 rounds x 3 replicates per policy (dots), mean ± sd (bars)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -313,7 +313,7 @@ def parse(raw: dict, path: str) -> RoundsConfig:
         _fail(path, 'run.duration and run.eval_every must be >= 1')
 
     sweep = raw.get('sweep', {})
-    _known(path, sweep, 'sweep', ('alpha', 'beta', 'policy', 'rungs', 'keep', 'carry'))
+    _known(path, sweep, 'sweep', ('alpha', 'beta', 'policy', 'rungs', 'keep', 'carry', 'count', 'seed'))
     alphas, betas = _grid(path, sweep, 'alpha', 0, False), _grid(path, sweep, 'beta', 0, True)
     policy = _sweep_policy(path, sweep, duration, eval_every)
 
