@@ -13,7 +13,7 @@ import pytest
 
 from ddo_patch.rounds import config as rounds_config
 from ddo_patch.rounds import launch as rounds_launch
-from ddo_patch.rounds import manifest
+from ddo_patch.rounds import manifest, sweep
 from ddo_patch.cli import main
 from ddo_patch.rounds.manager import _stalled, _stop_reason
 from edm2_ext.presets import resolve
@@ -70,6 +70,17 @@ def edm2_config(files, **changes):
      'evaluate.noise_seeds must be as many seeds as evaluate.report_seeds'),
     (dict(evaluate__report_seeds='100000-100099', evaluate__noise_seeds='100050-100149'),
      'evaluate.report_seeds and evaluate.noise_seeds share seed 100050'),
+    (dict(evaluate__policy='sometimes'), "unknown evaluate.policy 'sometimes'; choose full"),
+    (dict(evaluate__race_samples=[100]), 'evaluate.race_samples are for evaluate.policy = "racing"'),
+    (dict(evaluate__policy='racing'), 'evaluate.race_samples must be increasing sample counts'),
+    (dict(evaluate__policy='racing', evaluate__race_samples=[2000, 1000]), 'evaluate.race_samples must be increasing'),
+    (dict(evaluate__policy='racing', evaluate__seeds='0-999', evaluate__race_samples=[100, 1000]),
+     "evaluate.race_samples must lie below the selection seeds' count 1000, got [100, 1000]"),
+    (dict(evaluate__policy='racing', evaluate__race_samples=[100], evaluate__race_threshold=1.5),
+     'evaluate.race_threshold is a probability in (0, 1), got 1.5'),
+    (dict(sweep__policy='random'), 'sweep.policy = "random" needs sweep.count, an integer >= 1, got None'),
+    (dict(sweep__count=2), 'sweep.count and sweep.seed are for policy = "random"'),
+    (dict(sweep__policy='random', sweep__count=1, sweep__rungs=['1Ki']), 'sweep.rungs and sweep.keep are for policy = "halving"'),
 ])
 def test_invalid_config_is_one_line_and_runs_nothing(files, changes, message):
     config = edm2_config(files, **changes)
@@ -386,6 +397,31 @@ def test_halving_stops_exactly_the_worse_points_at_each_rung(tmp_path):
     assert 'round 1 rung 2: kept a3_b0.1, a4_b0.1; stopped a1_b0.1, a2_b0.1' in result.output
     report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
     assert '| 9.8 (stopped at 2) | 9.6 (stopped at 2) | 8.8 (stopped at 4) | 6.8 |' in report
+
+
+def test_racing_needs_a_backend_that_races(tmp_path):
+    config = write_config(tmp_path / 'var.toml', dict(backend='var_ext.rounds_backend.RoundsBackend', rounds=1, pretrained='x.pth'),
+                          dict(run=dict(duration=8, eval_every=4), sweep=dict(alpha=[1], beta=[0.1]),
+                               evaluate=dict(metric='m:f', policy='racing', race_samples=[100])))
+    (tmp_path / 'x.pth').write_bytes(b'x')
+    result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(tmp_path / 'work')])
+    assert result.exit_code == 2 and 'evaluate.policy = "racing" needs a backend that scores race levels; var does not' in result.stderr
+
+
+def test_random_subset_draws_count_points_per_round_from_the_grid(tmp_path):
+    """Two of the four points per round, drawn with the round's own seed, each run to the end."""
+    config = halving_config(tmp_path, rounds=2)
+    text = open(config).read().replace('policy = "halving"', 'policy = "random"\ncount = 2\nseed = 7')
+    text = text.replace('rungs = [2, 4]\n', '').replace('keep = 0.5\n', '')
+    open(config, 'w').write(text)
+    workdir = tmp_path / 'work'
+    result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
+    assert result.exit_code == 0, result.output + result.stderr
+    first, second = read_manifest(workdir)['rounds']
+    assert len(first['points']) == len(second['points']) == 2 and first['points'] != second['points']
+    assert all(run['status'] == 'done' and run['images'] == 8 for r in (first, second) for run in r['runs'])
+    again = rounds_config.load(config)
+    assert [list(p) for p in sweep.round_points(again, None, 1)] == first['points']   # the draw is the config's
 
 
 RACING = dict(policy='racing', race_samples=[2, 5], race_threshold=0.05, race_resamples=400)
