@@ -34,48 +34,10 @@ import contextlib
 import copy
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddo_patch import upstream
 from ddo_patch.losses import DiffusionDDOLoss
-
-_ops = torch.ops.aten
-# op -> positions of its two multiplicands (addmm/baddbmm add their first argument, the bias)
-_MULTIPLICANDS = {_ops.convolution.default: (0, 1), _ops.mm.default: (0, 1), _ops.bmm.default: (0, 1),
-                  _ops.addmm.default: (1, 2), _ops.baddbmm.default: (1, 2)}
-
-
-def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 values rounded to TF32 (10 mantissa bits, round to nearest even); other dtypes unchanged."""
-    if x.dtype != torch.float32:
-        return x
-    bits = x.contiguous().view(torch.int32)
-    bits = bits + (0xFFF + ((bits >> 13) & 1))          # round to nearest, ties to even, at bit 13
-    return (bits & ~0x1FFF).view(torch.float32).view_as(x)
-
-
-def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """fp32 values rounded to bf16 (7 mantissa bits, round to nearest even), kept in fp32; other dtypes unchanged."""
-    return x.to(torch.bfloat16).to(torch.float32) if x.dtype == torch.float32 else x
-
-
-class RoundedMatmuls(TorchDispatchMode):
-    """Within the block, convolutions and matrix products get their multiplicands (or, with `every_input`, all
-    their tensor arguments) rounded by `rounding`, and with `output` their result too; fp32 otherwise."""
-
-    def __init__(self, rounding, every_input=False, output=False):
-        super().__init__()
-        self.rounding, self.every_input, self.output = rounding, every_input, output
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        positions = _MULTIPLICANDS.get(func)
-        if positions is None:
-            return func(*args, **(kwargs or {}))
-        args = tuple(self.rounding(a) if isinstance(a, torch.Tensor) and (self.every_input or i in positions) else a
-                     for i, a in enumerate(args))
-        out = func(*args, **(kwargs or {}))
-        return self.rounding(out) if self.output else out
-
+from ddo_patch.precision import RoundedMatmuls, round_to_bf16, round_to_tf32
 
 PRECISIONS = {
     'fp32': contextlib.nullcontext,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ddo_patch.losses import DiffusionDDOLoss
+from ddo_patch.precision import Precision
 from edm2_ext.datasets import fake_to_final, open_dataset
 from edm2_ext.network import fp32_without_dropout, load_snapshot
 from torch_utils import distributed as dist
@@ -63,6 +64,9 @@ class DDOLoss:
     d = sigmoid(beta * delta) right on the side) through `training_stats`, so they land in stats.jsonl
     under the names var_ext.train logs too (`DDOTerms.log_values`).
 
+    `precision` (`ddo_patch.precision`): the forward passes of both networks run under that mode's context
+    (fp32 by default, as the paper trains).
+
     Checkpoints (`training-state-*.pt`) keep only the fake-stream position (`state_dict`), so a resumed
     run continues the stream where it stopped. Snapshot pickles get an upstream `EDM2Loss` with the same
     noise distribution in its place (`__reduce__`): a DDO snapshot is an ordinary EDM2 snapshot that
@@ -70,7 +74,7 @@ class DDOLoss:
     """
 
     def __init__(self, ref, fake, P_mean=-0.8, P_std=1.6, sigma_data=0.5, alpha=1.0, beta=0.02, use_labels=True,
-                 seed=0, loader_kwargs=None):
+                 seed=0, loader_kwargs=None, precision='fp32'):
         self.ddo = DiffusionDDOLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, alpha=alpha, beta=beta, single_forward=True)
         self.ref = ref                              # snapshot path or URL of the reference network
         self.fake = fake                            # EDM2 data set of reference samples
@@ -78,12 +82,14 @@ class DDOLoss:
         self.seed = seed                            # shuffles the fake set, like upstream shuffles the data
         self.loader_kwargs = dict(loader_kwargs or {})  # torch DataLoader options (workers, pinning)
         self.fake_nimg = 0                          # reference samples consumed by all ranks so far
+        self.precision = precision                  # `ddo_patch.precision` mode of the forward passes
         self._ref_net = None
         self._fake_iter = None
 
     def __call__(self, net, images, labels=None):
         fake_images, fake_labels = self._next_fake(images.shape[0], images.device)
-        loss, terms = ddo_loss(self.ddo, net, self.reference_net(images.device), images, labels, fake_images, fake_labels)
+        with Precision(self.precision, images.device.type).forward():
+            loss, terms = ddo_loss(self.ddo, net, self.reference_net(images.device), images, labels, fake_images, fake_labels)
         for name, values in terms.log_values().items():
             training_stats.report(name, values)
         return loss
@@ -125,11 +131,16 @@ class MLELoss(EDM2Loss):
     """The matched control (`--objective mle`): upstream's `EDM2Loss` (denoising score matching with the
     uncertainty weighting of EDM2 Eq. 21) with the round's P_mean/P_std, the network run in fp32 as DDO runs it.
 
-    Snapshot pickles carry a plain `EDM2Loss` in its place (`__reduce__`), as DDO's do.
+    Snapshot pickles carry a plain `EDM2Loss` in its place (`__reduce__`), as DDO's do. `precision` as DDO's.
     """
 
+    def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5, precision='fp32'):
+        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+        self.precision = precision
+
     def __call__(self, net, images, labels=None):
-        return super().__call__(_in_fp32(net), images, labels)
+        with Precision(self.precision, images.device.type).forward():
+            return super().__call__(_in_fp32(net), images, labels)
 
     def __reduce__(self):
         return EDM2Loss, (self.P_mean, self.P_std, self.sigma_data)

@@ -32,7 +32,7 @@ class RoundsBackend(Backend):
     step_unit = 'kimg'
     required = ('data',)
     train_options = ('preset', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'ema_std', 'batch_gpu',
-                     'workers', 'status', 'checkpoint', 'max_nonfinite', 'seed')
+                     'workers', 'status', 'checkpoint', 'max_nonfinite', 'seed', 'precision')
     evaluate_options = ('metric', 'reference', 'detector', 'seeds', 'report_seeds', 'noise_seeds', 'batch', 'steps')
     reference_sample_options = ('count', 'first_seed', 'batch', 'steps')
     evaluate_file_options = ('reference',)

@@ -30,6 +30,7 @@ from ddo_patch import upstream
 from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import OBJECTIVES, check_hyperparameters
+from ddo_patch.precision import MODES, Precision
 from ddo_patch.preemption import EXIT_INTERRUPTED, Interrupted, StopRequest
 from edm2_ext import options, presets, run_files
 
@@ -53,7 +54,7 @@ def loader_kwargs(device, workers) -> dict:
 
 
 def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, slice_nimg, seed, workers, device,
-                          objective='ddo'):
+                          objective='ddo', precision='fp32'):
     """Check every input and return upstream `training_loop` keyword arguments (without `device`). With objective
     'mle' (the matched control) the loss is upstream's `EDM2Loss` and `fake` is neither needed nor read."""
     import dnnlib
@@ -82,9 +83,10 @@ def setup_training_config(*, data, ref, fake, cond, hp, alpha, beta, batch_gpu, 
     if objective == 'ddo':
         c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.DDOLoss', ref=ref, fake=fake, P_mean=hp['P_mean'],
                                         P_std=hp['P_std'], alpha=alpha, beta=beta, use_labels=net_interface[2] > 0,
-                                        seed=seed, loader_kwargs=loader)
+                                        seed=seed, loader_kwargs=loader, precision=precision)
     else:
-        c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.MLELoss', P_mean=hp['P_mean'], P_std=hp['P_std'])
+        c.loss_kwargs = dnnlib.EasyDict(class_name='edm2_ext.loss.MLELoss', P_mean=hp['P_mean'], P_std=hp['P_std'],
+                                        precision=precision)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=hp['lr'],
                                   ref_batches=hp['decay'], rampup_Mimg=hp['rampup'])
     c.ema_kwargs = dnnlib.EasyDict(class_name='training.phema.PowerFunctionEMA', stds=[hp['ema_std']])
@@ -110,7 +112,8 @@ def launch_training(run_dir, c, device, max_nonfinite=20):
     barrier()
     dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     steps_per_status = (c.status_nimg or c.batch_size) // c.batch_size
-    with upstream_compatible(device), StopRequest(device) as stop, \
+    precision = Precision(c.loss_kwargs.get('precision', 'fp32'), device.type)   # pretraining's EDM2Loss has none
+    with upstream_compatible(device), StopRequest(device) as stop, precision.loop(), \
             StepHooks(run_dir, stop, c.total_nimg, steps_per_status, max_nonfinite, device).installed():
         try:
             training.training_loop.training_loop(run_dir=run_dir, device=device, **c)
@@ -146,12 +149,14 @@ def launch_training(run_dir, c, device, max_nonfinite=20):
 @click.option('--checkpoint', metavar='NIMG', type=options.NIMG, default=None, help='Interval of training-state checkpoints.  [default: preset]')
 @click.option('--slice', 'slice_nimg', metavar='NIMG', type=options.NIMG, default=0, show_default=True, help='Stop after this many images (rounded to checkpoints); 0 = run to the end.')
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
+@click.option('--precision', type=click.Choice(MODES), default='fp32', show_default=True,
+              help='Numerical precision of the step (ddo_patch.precision): fp32 as the paper; see docs/edm2.md for what the others keep.')
 @click.option('--max-nonfinite', metavar='INT', type=click.IntRange(min=0), default=20, show_default=True,
               help='Stop after more than INT consecutive steps with non-finite gradients (which upstream zeroes).')
 @click.option('-n', '--dry-run', is_flag=True, help='Check the inputs, print the training options and the expected per-GPU peak memory, and exit.')
 @options.edm2_root
 def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, beta, batch_gpu, workers, slice_nimg, seed,
-            max_nonfinite, dry_run, edm2_root, **hyperparameters):
+            precision, max_nonfinite, dry_run, edm2_root, **hyperparameters):
     """DDO-finetune an EDM2 snapshot with the official EDM2 training loop (on GPUs, or on the CPU).
 
     \b
@@ -166,18 +171,18 @@ def cmdline(outdir, data, ref, fake, objective, cond, preset, round_idx, alpha, 
     """
     hp = presets.resolve(preset, round_idx, **hyperparameters)
     train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=batch_gpu, workers=workers, slice_nimg=slice_nimg,
-          seed=seed, dry_run=dry_run, edm2_root=edm2_root, objective=objective, max_nonfinite=max_nonfinite)
+          seed=seed, dry_run=dry_run, edm2_root=edm2_root, objective=objective, max_nonfinite=max_nonfinite, precision=precision)
 
 
 def train(outdir, data, ref, fake, cond, hp, alpha, beta, batch_gpu=0, workers=2, slice_nimg=0, seed=0, dry_run=False,
-          edm2_root=None, objective='ddo', max_nonfinite=20):
+          edm2_root=None, objective='ddo', max_nonfinite=20, precision='fp32'):
     """Check every input, then run one DDO run, or its matched MLE control (the body of this entry and of the
     patched train_edm2.py)."""
     if objective == 'ddo':
         check_hyperparameters(alpha, beta)
     run_training(outdir, lambda device: setup_training_config(
         data=data, ref=ref, fake=fake, cond=cond, hp=hp, alpha=alpha, beta=beta, batch_gpu=batch_gpu,
-        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device, objective=objective), dry_run=dry_run,
+        slice_nimg=slice_nimg, seed=seed, workers=workers, device=device, objective=objective, precision=precision), dry_run=dry_run,
         edm2_root=edm2_root, estimate=lambda c, world_size: expected_memory(c, world_size, objective), max_nonfinite=max_nonfinite)
 
 

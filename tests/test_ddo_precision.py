@@ -12,9 +12,9 @@ from ddo_precision import (
     deltas,
     perturbed,
     relative_error,
-    round_to_bf16,
-    round_to_tf32,
 )
+
+from ddo_patch.precision import round_to_bf16, round_to_tf32
 
 
 def test_round_to_tf32_keeps_ten_mantissa_bits_rounding_to_nearest_even():
