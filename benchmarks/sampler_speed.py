@@ -31,11 +31,15 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def main(argv=None):
+def parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_options(parser, depth=6, batch=8)
     add_amp_option(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args) -> dict:
+    """Seconds (medians) of ours and upstream's guidance-free sampler, tokens only and with the decode."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cfg, vae, var = random_models(args, device)
     var.eval()
@@ -59,13 +63,20 @@ def main(argv=None):
                     seconds = timed(fn, device)
                 if repeat:
                     times[key].append(seconds)
-    tokens_per_batch = args.batch * sum(pn * pn for pn in cfg.patch_nums)
-    print(f'device: {describe(device)}; VAR depth {args.depth} ({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M params), '
+    return dict(device=describe(device), depth=args.depth, params_m=sum(p.numel() for p in var.parameters()) / 1e6,
+                batch=args.batch, amp=args.amp, repeats=args.repeats, tokens_per_batch=args.batch * sum(pn * pn for pn in cfg.patch_nums),
+                seconds={f'{what} {who}': statistics.median(t) for (what, who), t in times.items()})
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    r = measure(args)
+    print(f'device: {r["device"]}; VAR depth {args.depth} ({r["params_m"]:.1f}M params), '
           f'batch {args.batch}, patch_nums {args.patch_nums}, median of {args.repeats}')
     for what in ('tokens', 'images'):
-        ours, theirs = (statistics.median(times[(what, who)]) for who in ('ours', 'upstream'))
-        print(f'{what:>6}: ours {tokens_per_batch / ours:10.1f} tokens/s ({ours:.3f} s)   upstream cfg=0 '
-              f'{tokens_per_batch / theirs:10.1f} tokens/s ({theirs:.3f} s)   speed-up {theirs / ours:.2f}x')
+        ours, theirs = r['seconds'][f'{what} ours'], r['seconds'][f'{what} upstream']
+        print(f'{what:>6}: ours {r["tokens_per_batch"] / ours:10.1f} tokens/s ({ours:.3f} s)   upstream cfg=0 '
+              f'{r["tokens_per_batch"] / theirs:10.1f} tokens/s ({theirs:.3f} s)   speed-up {theirs / ours:.2f}x')
 
 
 if __name__ == '__main__':

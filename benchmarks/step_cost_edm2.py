@@ -30,7 +30,7 @@ from ddo_patch import memory, upstream
 from ddo_patch.losses import DiffusionDDOLoss
 
 
-def _resident_bytes(*objects):
+def resident_bytes(*objects):
     tensors = []
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
@@ -40,26 +40,26 @@ def _resident_bytes(*objects):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _sync(device):
+def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
 
-def _timed(step, device):
-    _sync(device)
+def timed(step, device):
+    sync(device)
     start = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
-def _step_peak(step, device):
+def step_peak(step, device):
     if device.type == 'cuda':
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - before
     return memory.step_peak(step)
 
@@ -112,9 +112,9 @@ def main(argv=None):
     times = {kind: [] for kind in steps}
     for _ in range(args.repeats):
         for kind, step in steps.items():
-            times[kind].append(_timed(step, device))
-    peaks = {kind: _step_peak(step, device) for kind, step in steps.items()}
-    resident = dict(mle=_resident_bytes(nets['mle'], optimizers['mle']), ddo=_resident_bytes(nets['ddo'], optimizers['ddo'], ref))
+            times[kind].append(timed(step, device))
+    peaks = {kind: step_peak(step, device) for kind, step in steps.items()}
+    resident = dict(mle=resident_bytes(nets['mle'], optimizers['mle']), ddo=resident_bytes(nets['ddo'], optimizers['ddo'], ref))
 
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'EDM2 step cost on {name}: res {args.res}, channels {args.channels}x{args.channel_mult}, blocks {args.blocks}, '

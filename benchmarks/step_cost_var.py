@@ -21,12 +21,16 @@ from var_ext.train import AMP_MODES
 from var_ext.trainer import build_optimizer, make_trainer
 
 
-def main(argv=None):
+def parser():
     parser = argparse.ArgumentParser(prog='step_cost.py --backend var', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_options(parser, depth=4, batch=8)
     add_amp_option(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args) -> dict:
+    """Seconds per step (medians), the DDO step's split, and peak GPU memory (GiB, on CUDA) of both steps."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cfg, vae, var = random_models(args, device)
     ref = models.frozen_copy(var)
@@ -51,7 +55,7 @@ def main(argv=None):
         sync()
         tokenised = time.perf_counter() - start
         log = trainer.step(labels, real, iteration)
-        return tokenised, log.seconds_generate, log.seconds_train
+        return tokenised, log['Timing/seconds_generate'], log['Timing/seconds_train']
 
     mle, ddo, peaks = [], [], {}
     for repeat in range(args.repeats + 1):                    # round 0 warms up and is discarded
@@ -67,14 +71,22 @@ def main(argv=None):
                 (mle if name == 'mle' else ddo).append((seconds, parts))
             if device.type == 'cuda':
                 peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-    mle_s = statistics.median(s for s, _ in mle)
-    ddo_s = statistics.median(s for s, _ in ddo)
-    split = [statistics.median(p[i] for _, p in ddo) for i in range(3)]
-    print(f'device: {describe(device)}; VAR depth {args.depth} ({sum(p.numel() for p in var.parameters()) / 1e6:.1f}M params), '
-          f'batch {args.batch}, {cfg.resolution}px, patch_nums {args.patch_nums}, VQVAE ch {args.vae_ch}, median of {args.repeats}')
-    print(f'upstream VARTrainer.train_step (MLE): {mle_s:.3f} s/step')
-    print(f'DDO step:                             {ddo_s:.3f} s/step   ratio DDO / MLE = {ddo_s / mle_s:.2f}x')
-    print(f'  DDO split: tokenise {split[0]:.3f} s ({split[0] / ddo_s:.0%}), generate {split[1]:.3f} s ({split[1] / ddo_s:.0%}), '
-          f'train {split[2]:.3f} s ({split[2] / ddo_s:.0%})')
-    if peaks:
-        print(f'peak GPU memory: MLE {peaks["mle"]:.2f} GiB, DDO {peaks["ddo"]:.2f} GiB')
+    return dict(device=describe(device), depth=args.depth, params_m=sum(p.numel() for p in var.parameters()) / 1e6,
+                batch=args.batch, resolution=cfg.resolution, amp=args.amp, repeats=args.repeats,
+                mle_seconds=statistics.median(s for s, _ in mle), ddo_seconds=statistics.median(s for s, _ in ddo),
+                ddo_split=dict(zip(('tokenise', 'generate', 'train'), (statistics.median(p[i] for _, p in ddo) for i in range(3)))),
+                peak_gib=peaks)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    r = measure(args)
+    ddo_s, split = r['ddo_seconds'], r['ddo_split']
+    print(f'device: {r["device"]}; VAR depth {args.depth} ({r["params_m"]:.1f}M params), '
+          f'batch {args.batch}, {r["resolution"]}px, patch_nums {args.patch_nums}, VQVAE ch {args.vae_ch}, median of {args.repeats}')
+    print(f'upstream VARTrainer.train_step (MLE): {r["mle_seconds"]:.3f} s/step')
+    print(f'DDO step:                             {ddo_s:.3f} s/step   ratio DDO / MLE = {ddo_s / r["mle_seconds"]:.2f}x')
+    print(f'  DDO split: tokenise {split["tokenise"]:.3f} s ({split["tokenise"] / ddo_s:.0%}), generate {split["generate"]:.3f} s '
+          f'({split["generate"] / ddo_s:.0%}), train {split["train"]:.3f} s ({split["train"] / ddo_s:.0%})')
+    if r['peak_gib']:
+        print(f'peak GPU memory: MLE {r["peak_gib"]["mle"]:.2f} GiB, DDO {r["peak_gib"]["ddo"]:.2f} GiB')
