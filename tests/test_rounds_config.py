@@ -478,6 +478,21 @@ def test_halving_on_slurm_submits_nothing_more_for_a_stopped_point(tmp_path, mon
         ['round01/a3_b0.1.to4.sh', 'round01/a4_b0.1.to4.sh', 'round01/a4_b0.1.sh']
 
 
+def test_racing_on_slurm_makes_the_local_decisions_with_each_level_a_job(tmp_path, monkeypatch):
+    state = install_fake_slurm(tmp_path, monkeypatch, run_jobs=True)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    launcher = dict(kind='slurm', template=SLURM_TEMPLATE, poll_seconds=0.01, env={'PYTHONPATH': tests})
+    slurm, local = tmp_path / 'slurm', tmp_path / 'local'
+    for workdir, where in ((slurm, launcher), (local, None)):   # (one config file: written just before its run)
+        config = halving_config(tmp_path, launcher=where, evaluate=RACING)
+        result = cli_runner().invoke(main, ['rounds', 'run', config, '--workdir', str(workdir)])
+        assert result.exit_code == 0, result.output + result.stderr
+    same = ('commands', 'command', 'config')   # what differs: the launch prefix, the launcher
+    assert comparable(read_manifest(slurm), ignore=same) == comparable(read_manifest(local), ignore=same)
+    scripts = [os.path.relpath(line.split()[1], slurm) for line in (state / 'submitted').read_text().splitlines()]
+    assert [s for s in scripts if '/race/' in s] == [f'round01/race/race-{stage}-n{n}.sh' for stage in (2, 4, 8) for n in (2, 5, 10)]
+
+
 def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
     config = halving_config(tmp_path, seconds=0.3)
     args = [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir']
