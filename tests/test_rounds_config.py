@@ -512,6 +512,26 @@ def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
     assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
 
 
+def test_a_kill_during_a_race_level_resumes_to_the_same_decisions(tmp_path):
+    config = halving_config(tmp_path, evaluate=RACING)
+    args = [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir']
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                                    os.environ.get('PYTHONPATH')])))
+    subprocess.run(args + [str(tmp_path / 'whole')], env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    level = killed / 'round01' / 'race' / 'race-4-n5'   # the second rung's second level
+    deadline = time.time() + 120
+    while not (level.with_suffix('.sh').exists() and not level.with_suffix('.status').exists()) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    levels = [(lv['stage'], lv['samples']) for lv in read_manifest(killed)['rounds'][0]['race']['levels']]
+    assert levels == [(2, 2), (2, 5), (2, 10), (4, 2)]
+    subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
+    assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
+
+
 def test_carry_over_sweeps_the_neighbours_of_the_last_choice(tmp_path):
     workdir = tmp_path / 'work'
     result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, rounds=2, carry=True), '--workdir', str(workdir)])
