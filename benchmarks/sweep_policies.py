@@ -10,15 +10,15 @@ images per point and round, a snapshot every 1Ki scored on 500 selection seeds (
   grid            every point runs the whole round, every snapshot scored on all 500 seeds (the paper's sweep)
   halving         rungs at 1Ki and 2Ki keep the best third (9 -> 3 -> 1 points)
   halving+racing  the same, each snapshot first scored on 50 seeds, then 150, then all 500 while it could still be
-                  the round's best (evaluate.policy = "racing", threshold 0.05; ddo_patch.racing)
+                  the round's best (evaluate.policy = "racing", threshold 0.05, 10 jackknife groups; ddo_patch.racing)
   random          `count` points drawn from the grid per round (sweep.policy = "random"), each run in full, count
                   chosen so that its cost matches halving + racing's (mean over its replicates)
 A replicate (1, 2, 3) sets the training seed (data order, noise), the reference-sample seeds and the random draw.
 Each (policy, replicate)'s round-3 model is scored on 5000 report seeds (100000-104999, disjoint from selection)
 against the training split, and in 300-sample chunks against the 300 held-out images; cost is the manifests'
 (MLE-image equivalents), time the jobs' own seconds (`times`, per stage). The levels and the threshold were set
-before any run and not tuned. Calibration: the bootstrap's spread of FID, and of the difference of two models,
-against the spread over 10 disjoint seed sets (seeds 300000 on), at each race level.
+before any run and not tuned. Calibration: the grouped jackknife's standard error of FID, and of the difference of
+two models, against the spread over 10 disjoint seed sets (seeds 300000 on), at each race level (and a bootstrap's).
 Writes OUT/sweep_policies.{md,json,png}.
 """
 
@@ -104,23 +104,29 @@ def summary(values) -> dict:
 
 
 def calibration(ev, models) -> list:
-    """At each race level n: the spread of FID over disjoint seed sets of n against the bootstrap's, for each model
-    and for the difference of the two (paired: the same seeds)."""
-    rows = []
+    """At each race level n: the spread of FID over disjoint seed sets of n against the grouped jackknife's standard
+    error (what racing uses) and a bootstrap's (200 resamples with replacement, for comparison), for each model and
+    for the differences of consecutive models (paired: the same seeds)."""
+    from ddo_patch.metrics import feature_statistics, frechet_distance
+    rows, names = [], list(models)
     for n in RACE_SAMPLES + [SELECT]:
         features = {name: [ev.detector(ev.images(path, bench.seed_list(CALIBRATION_FIRST + i * n, n))).numpy()
                            for i in range(CALIBRATION_SETS)] for name, path in models.items()}
-        indices = racing.resample_indices(n, racing.DEFAULT_BOOTSTRAP)
-        scored = {name: [racing.frechet_to_reference(x, *ev.real_stats, indices) for x in sets] for name, sets in features.items()}
-        a, b = list(models)
-        difference = [sa[0] - sb[0] for sa, sb in zip(scored[a], scored[b])]
-        rows.append(dict(samples=n, **{name: dict(fid=summary([s[0] for s in scores]),
-                                                  bootstrap_sd=float(np.mean([s[1].std() for s in scores])))
-                                       for name, scores in scored.items()},
-                         difference=dict(fid=summary(difference),
-                                         bootstrap_sd=float(np.mean([(sa[1] - sb[1]).std() for sa, sb in zip(scored[a], scored[b])])))))
-        bench.log(f'    calibration at {n}: ' + ', '.join(
-            f'{k}: sd over sets {v["fid"]["sd"]:.3f}, bootstrap {v["bootstrap_sd"]:.3f}' for k, v in rows[-1].items() if k != 'samples'))
+        groups, resamples = racing.jackknife_groups(n, racing.DEFAULT_GROUPS), np.random.default_rng(n).integers(0, n, size=(200, n))
+        scored = {name: [(*racing.frechet_to_reference(x, *ev.real_stats, groups),
+                          np.array([frechet_distance(*feature_statistics(x[i]), *ev.real_stats) for i in resamples])) for x in sets]
+                  for name, sets in features.items()}
+
+        def spread(pairs):   # [(score, leave_out, bootstrap)] per set -> the three spreads
+            return dict(fid=summary([p[0] for p in pairs]),
+                        jackknife_se=float(np.mean([np.sqrt((len(p[1]) - 1) / len(p[1]) * np.square(p[1] - p[1].mean()).sum()) for p in pairs])),
+                        bootstrap_sd=float(np.mean([p[2].std() for p in pairs])))
+        row = dict(samples=n, **{name: spread(scored[name]) for name in names})
+        for a, b in zip(names[1:], names):
+            row[f'{a} - {b}'] = spread([(x[0] - y[0], x[1] - y[1], x[2] - y[2]) for x, y in zip(scored[a], scored[b])])
+        rows.append(row)
+        bench.log(f'    calibration at {n}: ' + ', '.join(f'{k}: sd over sets {v["fid"]["sd"]:.3f}, jackknife {v["jackknife_se"]:.3f}, '
+                                                       f'bootstrap {v["bootstrap_sd"]:.3f}' for k, v in row.items() if k != 'samples'))
     return rows
 
 
@@ -186,9 +192,10 @@ def main():
                           lambda: ev.evaluate(pretrained, bench.seed_list(200_000, REPORT)))['fid']
 
     bench.log('calibration of the bootstrap against disjoint seed sets')
-    grid_one = bench.chosen_models(out, results[('grid', 1)]['manifest'], pretrained, results[('grid', 1)]['workdir'])[0][1]
-    calib = cache.get(f'racing calibration {os.path.relpath(grid_one, out)} {CALIBRATION_SETS}',
-                      lambda: calibration(ev, {'MLE': pretrained, 'grid s1 round 1': grid_one}))
+    chain = bench.chosen_models(out, results[('grid', 1)]['manifest'], pretrained, results[('grid', 1)]['workdir'])
+    models = {'MLE': pretrained, 'grid s1 round 1': chain[0][1], 'grid s1 round 2': chain[1][1]}
+    calib = cache.get(f'racing calibration jackknife {" ".join(os.path.relpath(p, out) for p in models.values())} {CALIBRATION_SETS}',
+                      lambda: calibration(ev, models))
 
     policies = summarise(rows)
     result = dict(rows=rows, policies=policies, mle=dict(fid=mle['fid'], heldout_fid=mle['heldout']['fid']['mean'], noise_fid=noise_fid),
@@ -229,11 +236,13 @@ def write_report(out, result):
                      f'{p["cost"]["mean"]:.4g} | {100 * p["cost_vs_grid"]:.0f}% | {100 * p["sweep_cost_vs_grid"]:.0f}% | '
                      f'{100 * p["paper_cost_vs_grid"]:.0f}% | {p["job_seconds"]["mean"]:.0f} | {100 * p["seconds_vs_grid"]:.0f}% |')
     lines += ['', f'Noise: the MLE model on two disjoint {result["report_samples"]}-seed sets: {mle["fid"]:.3f} / {mle["noise_fid"]:.3f}.', '',
-              '| race level (samples) | model | FID sd over 10 disjoint seed sets | bootstrap sd (mean) |', '|---|---|---|---|']
+              f'| race level (samples) | model or paired difference | FID: mean, sd over {CALIBRATION_SETS} disjoint seed sets | '
+              'jackknife standard error (mean) | / sd | bootstrap sd (mean) | / sd |', '|---|---|---|---|---|---|---|']
     for row in result['calibration']:
-        for key, value in row.items():
+        for key, v in row.items():
             if key != 'samples':
-                lines.append(f'| {row["samples"]} | {key} | {value["fid"]["sd"]:.3f} | {value["bootstrap_sd"]:.3f} |')
+                lines.append(f'| {row["samples"]} | {key} | {v["fid"]["mean"]:.2f}, {v["fid"]["sd"]:.3f} | {v["jackknife_se"]:.3f} | '
+                             f'{v["jackknife_se"] / v["fid"]["sd"]:.2f} | {v["bootstrap_sd"]:.3f} | {v["bootstrap_sd"] / v["fid"]["sd"]:.2f} |')
     with open(os.path.join(out, 'sweep_policies.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     plot(os.path.join(out, 'sweep_policies.png'), result)

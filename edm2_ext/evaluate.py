@@ -164,16 +164,16 @@ def evaluate(net, ref, dest, metrics, detector_overrides, seeds, batch, device, 
     return report
 
 
-def race(nets, ref, dest, metric, detector_overrides, seeds, batch, device, store, resamples, **sampler_kwargs) -> dict:
+def race(nets, ref, dest, metric, detector_overrides, seeds, batch, device, store, groups, **sampler_kwargs) -> dict:
     """One level of a race (`ddo_patch.racing`): each snapshot's `metric` on `seeds` (the first n of the selection
-    seeds) and over `resamples` paired bootstrap resamples of them, into `dest`. Per-sample features are kept in
+    seeds) and without each of `groups` jackknife groups of them (`ddo_patch.racing`), into `dest`. Per-sample features are kept in
     `store`, one file per snapshot, so the next level samples only the seeds it adds; a file made with other
     settings, or for seeds that are not a prefix of these, is made again."""
     from torch_utils import distributed as dist
     detector_names = parse_detectors([metric], detector_overrides)
     ref_stats = _reference_statistics(ref, [metric])[metric]
     settings = dict(ref=ref, metric=metric, detector=detector_names[metric], sampler=sampler_kwargs)
-    indices = racing.resample_indices(len(seeds), resamples)
+    partition = racing.jackknife_groups(len(seeds), groups)
     os.makedirs(store, exist_ok=True)
     detector, results = None, []
     for path in nets:
@@ -191,10 +191,10 @@ def race(nets, ref, dest, metric, detector_overrides, seeds, batch, device, stor
             known = (np.concatenate([known[0], missing]), new if known[1] is None else np.concatenate([known[1], new]))
             if dist.get_rank() == 0:
                 write_atomic(file, lambda f, k=known: np.savez(f, seeds=k[0], features=k[1], settings=json.dumps(settings)))
-        score, bootstrap = racing.frechet_to_reference(known[1][:len(seeds)], ref_stats['mu'], ref_stats['sigma'], indices)
-        results.append(dict(snapshot=path, score=score, bootstrap=bootstrap.tolist(), sampled=len(missing)))
-        dist.print0(f'{path}  {metric} {score:.4f} at {len(seeds)} samples (bootstrap sd {bootstrap.std():.4f})')
-    report = dict(samples=len(seeds), resamples=resamples, settings=settings, results=results)
+        score, leave_out = racing.frechet_to_reference(known[1][:len(seeds)], ref_stats['mu'], ref_stats['sigma'], partition)
+        results.append(dict(snapshot=path, score=score, leave_out=leave_out.tolist(), sampled=len(missing)))
+        dist.print0(f'{path}  {metric} {score:.4f} at {len(seeds)} samples')
+    report = dict(samples=len(seeds), groups=groups, settings=settings, results=results)
     if dist.get_rank() == 0:
         _write_json(dest, report)
     return report
@@ -212,10 +212,10 @@ def race(nets, ref, dest, metric, detector_overrides, seeds, batch, device, stor
 @click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=32, help='EDM sampler steps.')
 @click.option('--skip-initial', is_flag=True, help='In a run directory, skip the kimg-0 snapshot (its starting point, evaluated elsewhere).')
 @click.option('--race-store', metavar='DIR', default=None,
-              help='One level of a race (ddo_patch.racing): score each --net snapshot and its paired bootstrap, keeping per-sample features here.')
-@click.option('--resamples', metavar='INT', type=click.IntRange(min=10), default=racing.DEFAULT_BOOTSTRAP, help='Bootstrap resamples of a race level.')
+              help='One level of a race (ddo_patch.racing): score each --net snapshot, also without each jackknife group, keeping per-sample features here.')
+@click.option('--groups', metavar='INT', type=click.IntRange(min=2), default=racing.DEFAULT_GROUPS, help='Jackknife groups of a race level.')
 @options.edm2_root
-def cmdline(nets, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, skip_initial, race_store, resamples, edm2_root):
+def cmdline(nets, ref, dest, metrics, detector_overrides, seeds, batch, num_steps, skip_initial, race_store, groups, edm2_root):
     """Class-balanced FID of a snapshot or of every snapshot of a run; writes all results and the best one."""
     metrics = [m.strip() for m in metrics.split(',') if m.strip()]
     if race_store is None and len(nets) > 1:
@@ -228,7 +228,7 @@ def cmdline(nets, ref, dest, metrics, detector_overrides, seeds, batch, num_step
     device = device_for_this_rank()
     init_distributed(device)
     if race_store is not None:
-        race(nets, ref, dest, metrics[0], detector_overrides, seeds, batch, device, race_store, resamples, num_steps=num_steps)
+        race(nets, ref, dest, metrics[0], detector_overrides, seeds, batch, device, race_store, groups, num_steps=num_steps)
         return
     report = evaluate(nets[0], ref, dest, metrics, detector_overrides, seeds, batch, device, skip_initial=skip_initial,
                       num_steps=num_steps)

@@ -120,7 +120,7 @@ class RoundsBackend(Backend):
         args = self._evaluate_args(snapshots[0], dest, seeds)
         for snapshot in snapshots[1:]:
             args += ['--net', snapshot]
-        return Command('edm2_ext.evaluate', args + ['--race-store', store, '--resamples', str(self.cfg.racing['resamples'])])
+        return Command('edm2_ext.evaluate', args + ['--race-store', store, '--groups', str(self.cfg.racing['groups'])])
 
     def read_race(self, path) -> dict:
         with open(path) as f:

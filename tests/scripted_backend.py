@@ -3,8 +3,9 @@
 A snapshot is a JSON file holding its own score; evaluating it reads the score. A sweep point's run writes
 one snapshot every eval_every steps, scored by `LAWS[law](reference score, alpha, beta, step)`, and its
 evaluations into `evaluations.json`. Jobs run `python -m scripted_backend ...` (tests/ on PYTHONPATH).
-Racing: a snapshot scored on n of the 10 samples scores its own score + 1/n (FID's bias), with bootstrap
-scores spread by RACE_SD / sqrt(n) around that, drawn per snapshot and n.
+Racing: a snapshot scored on n of the 10 samples scores its own score + 1/n (FID's bias), and its scores without
+each jackknife group are drawn around that: an error all snapshots share at a level (they share its seeds) with a
+jackknife standard error of RACE_SD / sqrt(n), and a tenth of that of their own, drawn per snapshot.
 """
 
 import json
@@ -62,7 +63,7 @@ class ScriptedBackend(Backend):
         return [(step, os.path.join(run_dir, f'snapshot-{step}.json')) for step in steps if step <= up_to]
 
     def race_evaluation(self, snapshots, samples, dest, store):
-        return Command('scripted_backend', ['race', dest, samples, self.cfg.racing['resamples'], *snapshots])
+        return Command('scripted_backend', ['race', dest, samples, self.cfg.racing['groups'], *snapshots])
 
     def read_race(self, path):
         with open(path) as f:
@@ -96,12 +97,17 @@ def _write(path, obj):
         json.dump(obj, f)
 
 
-def _race(dest, samples, resamples, snapshots):
+def _unit_jackknife_error(noise):
+    return noise / np.sqrt((len(noise) - 1) / len(noise) * np.square(noise - noise.mean()).sum())
+
+
+def _race(dest, samples, groups, snapshots):
     results = {}
     for path in snapshots:
         score = _score(path) + 1 / samples
-        noise = np.random.default_rng([samples, zlib.crc32(path.encode())]).normal(size=resamples) * RACE_SD / samples ** 0.5
-        results[path] = dict(score=score, bootstrap=(score + noise).tolist())
+        shared, own = (_unit_jackknife_error(np.random.default_rng(seed).normal(size=groups))
+                       for seed in ([samples], [samples, zlib.crc32(path.encode())]))
+        results[path] = dict(score=score, leave_out=(score + (shared + 0.1 * own) * RACE_SD / samples ** 0.5).tolist())
     _write(dest, results)
 
 

@@ -78,6 +78,8 @@ def edm2_config(files, **changes):
      "evaluate.race_samples must lie below the selection seeds' count 1000, got [100, 1000]"),
     (dict(evaluate__policy='racing', evaluate__race_samples=[100], evaluate__race_threshold=1.5),
      'evaluate.race_threshold is a probability in (0, 1), got 1.5'),
+    (dict(evaluate__policy='racing', evaluate__race_samples=[8, 100], evaluate__race_groups=10),
+     "evaluate.race_groups (jackknife groups) must be an integer from 2 to the first level's 8 samples, got 10"),
     (dict(sweep__policy='random'), 'sweep.policy = "random" needs sweep.count, an integer >= 1, got None'),
     (dict(sweep__count=2), 'sweep.count and sweep.seed are for policy = "random"'),
     (dict(sweep__policy='random', sweep__count=1, sweep__rungs=['1Ki']), 'sweep.rungs and sweep.keep are for policy = "halving"'),
@@ -424,14 +426,14 @@ def test_random_subset_draws_count_points_per_round_from_the_grid(tmp_path):
     assert [list(p) for p in sweep.round_points(again, None, 1)] == first['points']   # the draw is the config's
 
 
-RACING = dict(policy='racing', race_samples=[2, 5], race_threshold=0.05, race_resamples=400)
+RACING = dict(policy='racing', race_samples=[5, 8], race_threshold=0.05, race_groups=5)
 
 
 def test_halving_with_racing_makes_the_same_decisions_for_fewer_samples(tmp_path):
-    """The scripted race (scores + 1/n, bootstrap sd 0.2/sqrt(n)): at rung 2, a1 and a2 stop after 2 of the 10
-    samples (0.6 and 0.4 behind a4), a3 (0.2 behind) races on and halving keeps two points; at rung 4 a3's new
-    snapshot stops at 2 samples; in the last stage a4's step 6 does. The rung decisions and the choice are those of
-    full evaluation, for 48 samples instead of 80."""
+    """The scripted race (scores + 1/n, jackknife standard error 0.2/sqrt(n) per snapshot): at rung 2, a1 and a2
+    stop after 5 of the 10 samples (0.6 and 0.4 behind a4), a3 (0.2 behind) races on and halving keeps two points;
+    at rung 4 a3's new snapshot stops at 5 samples; in the last stage a4's step 6 does. The rung decisions and the
+    choice are those of full evaluation, for 60 samples instead of 80."""
     workdir = tmp_path / 'work'
     result = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, evaluate=RACING), '--workdir', str(workdir)])
     assert result.exit_code == 0, result.output + result.stderr
@@ -439,24 +441,24 @@ def test_halving_with_racing_makes_the_same_decisions_for_fewer_samples(tmp_path
     assert [(d['step'], d['kept'], d['stopped']) for d in r['rungs']] == [
         (2, ['a3_b0.1', 'a4_b0.1'], ['a1_b0.1', 'a2_b0.1']), (4, ['a4_b0.1'], ['a3_b0.1'])]
     samples = {(run['name'], e['step']): (e['samples'], e['status']) for run in r['runs'] for e in run['evaluations']}
-    assert samples == {('a1_b0.1', 2): (2, 'stopped'), ('a2_b0.1', 2): (2, 'stopped'), ('a3_b0.1', 2): (10, 'final'),
-                       ('a3_b0.1', 4): (2, 'stopped'), ('a4_b0.1', 2): (10, 'final'), ('a4_b0.1', 4): (10, 'final'),
-                       ('a4_b0.1', 6): (2, 'stopped'), ('a4_b0.1', 8): (10, 'final')}
+    assert samples == {('a1_b0.1', 2): (5, 'stopped'), ('a2_b0.1', 2): (5, 'stopped'), ('a3_b0.1', 2): (10, 'final'),
+                       ('a3_b0.1', 4): (5, 'stopped'), ('a4_b0.1', 2): (10, 'final'), ('a4_b0.1', 4): (10, 'final'),
+                       ('a4_b0.1', 6): (5, 'stopped'), ('a4_b0.1', 8): (10, 'final')}
     stopped = next(e for e in r['runs'][0]['evaluations'])
     assert stopped['reason'].startswith('P(beats round01/a4_b0.1/snapshot-2.json) = 0.0')
     assert (r['chosen']['run'], r['chosen']['step'], r['chosen']['score']) == ('a4_b0.1', 8, pytest.approx(10 - 0.4 * 8 + 0.1))
     assert [(level['stage'], level['samples'], level['racing'], len(level['stopped'])) for level in r['race']['levels']] == [
-        (2, 2, 4, 2), (2, 5, 2, 0), (2, 10, 2, 0), (4, 2, 2, 1), (4, 5, 1, 0), (4, 10, 1, 0), (8, 2, 2, 1), (8, 5, 1, 0), (8, 10, 1, 0)]
+        (2, 5, 4, 2), (2, 8, 2, 0), (2, 10, 2, 0), (4, 5, 2, 1), (4, 8, 1, 0), (4, 10, 1, 0), (8, 5, 2, 1), (8, 8, 1, 0), (8, 10, 1, 0)]
     assert all('evaluate' not in command for run in r['runs'] for command in run['commands'])   # the jobs only train
-    assert r['cost'] == dict(train_images=16, evaluation_samples=48 + 10, reference_samples=0,
-                             mle_equivalents=pytest.approx(16 * 2.5 + 58),
-                             stages={'reference': 10, 'rung 2': 20 + 24, 'rung 4': 10 + 12, 'end': 10 + 12, 'report': 0})
+    assert r['cost'] == dict(train_images=16, evaluation_samples=60 + 10, reference_samples=0,
+                             mle_equivalents=pytest.approx(16 * 2.5 + 70),
+                             stages={'reference': 10, 'rung 2': 20 + 30, 'rung 4': 10 + 15, 'end': 10 + 15, 'report': 0})
     # the training jobs and the three race levels of each stage
     assert [(t['stage'], t['jobs']) for t in r['times']] == [('reference', 1), ('rung 2', 4 + 3), ('rung 4', 2 + 3), ('end', 1 + 3)]
     report = cli_runner().invoke(main, ['rounds', 'report', str(workdir)]).output
-    assert '- round 1: 8 snapshots, 48 samples against 80 in full (60%); 4 scored in full' in report
-    assert '  - round01/a1_b0.1/snapshot-2.json: stopped at 2 samples, P(beats round01/a4_b0.1/snapshot-2.json) = 0.0' in report
-    assert '| 1 | rung 2 | 44 | 45% | 7 |' in report and '| 1 | all | 98 | 100% | 17 |' in report
+    assert '- round 1: 8 snapshots, 60 samples against 80 in full (75%); 4 scored in full' in report
+    assert '  - round01/a1_b0.1/snapshot-2.json: stopped at 5 samples, P(beats round01/a4_b0.1/snapshot-2.json) = 0.0' in report
+    assert '| 1 | rung 2 | 50 | 45% | 7 |' in report and '| 1 | all | 110 | 100% | 17 |' in report
     assert '| raced out | raced out | 9.5 (stopped at 4) | 6.9 |' in report
     # A rerun finds every level decided and changes nothing.
     again = cli_runner().invoke(main, ['rounds', 'run', halving_config(tmp_path, evaluate=RACING), '--workdir', str(workdir)])
@@ -490,7 +492,7 @@ def test_racing_on_slurm_makes_the_local_decisions_with_each_level_a_job(tmp_pat
     same = ('commands', 'command', 'config')   # what differs: the launch prefix, the launcher
     assert comparable(read_manifest(slurm), ignore=same) == comparable(read_manifest(local), ignore=same)
     scripts = [os.path.relpath(line.split()[1], slurm) for line in (state / 'submitted').read_text().splitlines()]
-    assert [s for s in scripts if '/race/' in s] == [f'round01/race/race-{stage}-n{n}.sh' for stage in (2, 4, 8) for n in (2, 5, 10)]
+    assert [s for s in scripts if '/race/' in s] == [f'round01/race/race-{stage}-n{n}.sh' for stage in (2, 4, 8) for n in (5, 8, 10)]
 
 
 def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
@@ -520,14 +522,14 @@ def test_a_kill_during_a_race_level_resumes_to_the_same_decisions(tmp_path):
     subprocess.run(args + [str(tmp_path / 'whole')], env=env, check=True, capture_output=True, timeout=300)
     killed = tmp_path / 'killed'
     proc = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    level = killed / 'round01' / 'race' / 'race-4-n5'   # the second rung's second level
+    level = killed / 'round01' / 'race' / 'race-4-n8'   # the second rung's second level
     deadline = time.time() + 120
     while not (level.with_suffix('.sh').exists() and not level.with_suffix('.status').exists()) and time.time() < deadline:
         time.sleep(0.005)
     proc.kill()
     proc.wait()
     levels = [(lv['stage'], lv['samples']) for lv in read_manifest(killed)['rounds'][0]['race']['levels']]
-    assert levels == [(2, 2), (2, 5), (2, 10), (4, 2)]
+    assert levels == [(2, 5), (2, 8), (2, 10), (4, 5)]
     subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
     assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
 

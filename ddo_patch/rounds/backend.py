@@ -134,12 +134,13 @@ class Backend:
         raise NotImplementedError
 
     def race_evaluation(self, snapshots, samples, dest, store) -> Command:
-        """The command that scores each snapshot on the first `samples` selection seeds and over paired bootstrap
-        resamples of them (`ddo_patch.racing`) into `dest`, keeping per-sample features in `store` for later levels."""
+        """The command that scores each snapshot on the first `samples` selection seeds, and without each of
+        `cfg.racing['groups']` jackknife groups of them (`ddo_patch.racing`), into `dest`, keeping per-sample features
+        in `store` for later levels."""
         raise NotImplementedError
 
     def read_race(self, path) -> dict:
-        """{snapshot: {'score', 'bootstrap': [score over each resample]}} from a race level's `dest`."""
+        """{snapshot: {'score', 'leave_out': [score without each jackknife group]}} from a race level's `dest`."""
         raise NotImplementedError
 
     def evaluation_step(self, steps) -> int:

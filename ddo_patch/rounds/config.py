@@ -48,7 +48,7 @@ import re
 import sys
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.racing import DEFAULT_BOOTSTRAP, DEFAULT_THRESHOLD
+from ddo_patch.racing import DEFAULT_GROUPS, DEFAULT_THRESHOLD
 from ddo_patch.rounds.backend import load_backend_class
 from ddo_patch.sizes import parse_nimg
 
@@ -87,7 +87,7 @@ class RoundsConfig:
     overrides: list              # [(from_round, {option: value})], sorted
     control: dict                # {} or objective ('mle'), start ('reference' or 'control'), options (train options)
     evaluate: dict
-    racing: dict                 # {} (every snapshot on every selection seed) or samples (levels), threshold, resamples
+    racing: dict                 # {} (every snapshot on every selection seed) or samples (levels), threshold, groups
     reference_samples: dict
     stop: dict                   # min_improvement, patience
     launcher: dict               # kind, nodes, nproc_per_node, env, template, poll_seconds
@@ -198,7 +198,7 @@ def _sweep_policy(path, sweep, duration, eval_every) -> dict:
     return policy
 
 
-RACING_OPTIONS = ('policy', 'race_samples', 'race_threshold', 'race_resamples')
+RACING_OPTIONS = ('policy', 'race_samples', 'race_threshold', 'race_groups')
 
 
 def _racing(path, evaluate, backend_cls) -> dict:
@@ -223,10 +223,11 @@ def _racing(path, evaluate, backend_cls) -> dict:
     threshold = _number(path, 'evaluate.race_threshold', table.get('race_threshold', DEFAULT_THRESHOLD), 0, open_min=True)
     if threshold >= 1:
         _fail(path, f'evaluate.race_threshold is a probability in (0, 1), got {threshold}')
-    resamples = table.get('race_resamples', DEFAULT_BOOTSTRAP)
-    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 10:
-        _fail(path, f'evaluate.race_resamples must be an integer >= 10, got {resamples!r}')
-    return dict(samples=samples, threshold=threshold, resamples=resamples)
+    groups = table.get('race_groups', DEFAULT_GROUPS)
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 2 <= groups <= samples[0]:
+        _fail(path, f'evaluate.race_groups (jackknife groups) must be an integer from 2 to the first level\'s {samples[0]} '
+                    f'samples, got {groups!r}')
+    return dict(samples=samples, threshold=threshold, groups=groups)
 
 
 def _size(path, where, value):

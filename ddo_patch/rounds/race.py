@@ -62,7 +62,7 @@ def run(workdir, cfg, backend, launcher, record, stage, active, min_points, save
             entries[path].update(samples=samples, score=results[path]['score'])
             entries[path]['scores'][str(samples)] = results[path]['score']
         stopped = {} if final else racing.stops(
-            {path: results[path]['score'] for path in competitors}, {path: results[path]['bootstrap'] for path in competitors},
+            {path: results[path]['score'] for path in competitors}, {path: results[path]['leave_out'] for path in competitors},
             {path: entries[path]['run'] if entries[path]['run'] in active else None for path in competitors},
             set(running), min_points, cfg.racing['threshold'])
         for path in stopped:

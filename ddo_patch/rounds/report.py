@@ -122,7 +122,7 @@ def race_text(m) -> str:
     rounds = [r for r in m['rounds'] if (r.get('race') or {}).get('snapshots')]
     if not rounds:
         return ''
-    lines = ['', 'Racing (evaluate.policy = "racing"): samples per snapshot; a snapshot stops when the paired bootstrap '
+    lines = ['', 'Racing (evaluate.policy = "racing"): samples per snapshot; a snapshot stops when the paired jackknife '
                  'gives it less than evaluate.race_threshold of beating the leader:', '']
     for r in rounds:
         entries = r['race']['snapshots']
