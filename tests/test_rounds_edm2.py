@@ -206,7 +206,7 @@ def test_racing_scores_the_finalists_as_a_full_evaluation_would(world):
     selection seeds. Every snapshot starts on 8 samples; the finalists' scores on all 32 equal a plain
     `edm2_ext.evaluate` of the same snapshot (the stored features extend level by level, in seed order)."""
     config = variant(world, 'racing.toml', **{'rounds = 2': 'rounds = 1', 'duration = "1Ki"': 'duration = "2Ki"',
-                                              'metric = "fid"': 'metric = "fid"\npolicy = "racing"\nrace_samples = [8, 16]',
+                                              'metric = "fid"': 'metric = "fid"\npolicy = "racing"\nrace_samples = [8, 16]\nrace_groups = 4',
                                               'report_seeds = "32-63"': '', **NO_CONTROL})
     workdir = world['root'] / 'racing'
     run_manager(world, config, workdir)
