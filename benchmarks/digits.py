@@ -389,6 +389,31 @@ def report_samples(out, ev, model, seeds) -> np.ndarray:
     return np.load(path)
 
 
+def stages_1_2(out) -> tuple:
+    """Stages 1-2 for a benchmark that shares OUT (made when missing, reused when there): (the full size, its config
+    naming the pretraining length, and the MLE model's path)."""
+    size = dict(SIZES['full'])
+    log('data and classifier; the MLE model (benchmarks/digits.py stages 1-2)')
+    digits.make_digits(os.path.join(out, 'data'))
+    pretrained = mle(out, size, os.path.join(out, 'pretrain'), size['duration'], 'pretrain.log')
+    size['config'] = dict(size['config'], pretraining_images=f'"{size["duration"]}Ki"')
+    return size, pretrained
+
+
+def report_scorer(out, ev, cache, first, count):
+    """score(path): the report row (digits_report.Scorer) of the model at `path` on `count` report seeds from `first`,
+    its samples kept in OUT/samples and its scores in `cache`."""
+    heldout_images, heldout_labels = digits.read_dataset(os.path.join(out, 'data', 'heldout.zip'))
+    scorer = digits_report.Scorer(ev, heldout_images, heldout_labels)
+    seeds = seed_list(first, count)
+    labels = np.asarray(seeds) % digits.CLASSES
+
+    def score(path):
+        model = dict(path=path)
+        return cache.get(f'report {sample_key(out, model)} {count}', lambda: scorer.score(report_samples(out, ev, model, seeds), labels))
+    return score
+
+
 def real_noise(ev) -> dict:
     """FID of two disjoint halves of the training features."""
     rng = np.random.default_rng(0)

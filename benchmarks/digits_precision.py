@@ -28,11 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits as bench  # noqa: E402
-import digits_report  # noqa: E402
 
 from ddo_patch.files import write_atomic  # noqa: E402
 from ddo_patch.precision import AUTOCAST, MODES  # noqa: E402
-from edm2_ext import digits  # noqa: E402
 
 POINT = {'sweep.alpha': '[2]', 'sweep.beta': '[0.1]', 'control.objective': None, 'control.start': None}
 REPLICATES = (1, 2, 3)
@@ -110,12 +108,10 @@ def main():
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         sys.exit(f'--modes: unknown {", ".join(unknown)}; choose from {", ".join(MODES)}')
-    out, size, t0 = os.path.abspath(args.outdir), dict(bench.SIZES['full']), time.time()
+    out, t0 = os.path.abspath(args.outdir), time.time()
+    os.environ['DDO_PATCH_PRECISION_STUDY'] = '1'   # edm2_ext.train offers every mode, not only those measured safe
     os.makedirs(os.path.join(out, 'precision'), exist_ok=True)
-    bench.log('data and classifier; the MLE model (benchmarks/digits.py stages 1-2)')
-    bench.digits.make_digits(os.path.join(out, 'data'))
-    pretrained = bench.mle(out, size, os.path.join(out, 'pretrain'), size['duration'], 'pretrain.log')
-    size['config'] = dict(size['config'], pretraining_images=f'"{size["duration"]}Ki"')
+    size, pretrained = bench.stages_1_2(out)
 
     bench.log(f'{args.rounds} DDO round(s) per mode and replicate, {args.jobs} at a time (OUT/precision/*.log)')
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -125,15 +121,10 @@ def main():
 
     bench.log(f'report: each chain\'s last model on {REPORT} report seeds')
     ev, cache = bench.Evaluator(out, size['steps']), bench.Cache(os.path.join(out, 'scores.json'))
-    heldout_images, heldout_labels = digits.read_dataset(os.path.join(out, 'data', 'heldout.zip'))
-    scorer = digits_report.Scorer(ev, heldout_images, heldout_labels)
-    seeds = bench.seed_list(REPORT_FIRST, REPORT)
-    labels = np.asarray(seeds) % digits.CLASSES
+    report_score = bench.report_scorer(out, ev, cache, REPORT_FIRST, REPORT)
 
     def score(path):
-        model = dict(path=path)
-        result = cache.get(f'report {bench.sample_key(out, model)} {REPORT}',
-                           lambda: scorer.score(bench.report_samples(out, ev, model, seeds), labels))
+        result = report_score(path)
         return dict(fid=result['fid'], heldout_fid=result['heldout']['fid']['mean'])
 
     mle = score(pretrained)

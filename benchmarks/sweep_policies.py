@@ -35,12 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits as bench  # noqa: E402  (the sibling benchmark: its data, pretraining, evaluator and round runner)
-import digits_report  # noqa: E402
 
 from ddo_patch import racing  # noqa: E402
 from ddo_patch.files import write_atomic  # noqa: E402
 from ddo_patch.metrics import feature_statistics, frechet_distance  # noqa: E402
-from edm2_ext import digits  # noqa: E402
 
 SELECT = 500
 RACE_SAMPLES = [50, 150]
@@ -135,12 +133,9 @@ def main():
     parser.add_argument('--outdir', required=True, help='The digits.py work directory (its stages 1-2 are reused); rerun to resume.')
     parser.add_argument('--jobs', type=int, default=2, help='(policy, replicate) chains that run at once (one core each).')
     args = parser.parse_args()
-    out, size, t0 = os.path.abspath(args.outdir), dict(bench.SIZES['full']), time.time()
+    out, t0 = os.path.abspath(args.outdir), time.time()
     os.makedirs(os.path.join(out, 'policies'), exist_ok=True)
-    bench.log('data and classifier; the MLE model (benchmarks/digits.py stages 1-2)')
-    bench.digits.make_digits(os.path.join(out, 'data'))
-    pretrained = bench.mle(out, size, os.path.join(out, 'pretrain'), size['duration'], 'pretrain.log')
-    size['config'] = dict(size['config'], pretraining_images=f'"{size["duration"]}Ki"')
+    size, pretrained = bench.stages_1_2(out)
 
     bench.log(f'3 rounds per policy and replicate, {args.jobs} at a time (OUT/policies/*.log)')
     results = {}
@@ -162,15 +157,7 @@ def main():
 
     bench.log(f'report: each chain\'s round-3 model on {REPORT} report seeds')
     ev, cache = bench.Evaluator(out, size['steps']), bench.Cache(os.path.join(out, 'scores.json'))
-    heldout_images, heldout_labels = digits.read_dataset(os.path.join(out, 'data', 'heldout.zip'))
-    scorer = digits_report.Scorer(ev, heldout_images, heldout_labels)
-    seeds = bench.seed_list(REPORT_FIRST, REPORT)
-    labels = np.asarray(seeds) % digits.CLASSES
-
-    def score(path):
-        model = dict(path=path)
-        return cache.get(f'report {bench.sample_key(out, model)} {REPORT}',
-                         lambda: scorer.score(bench.report_samples(out, ev, model, seeds), labels))
+    score = bench.report_scorer(out, ev, cache, REPORT_FIRST, REPORT)
 
     mle = score(pretrained)
     rows = []

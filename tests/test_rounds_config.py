@@ -495,42 +495,36 @@ def test_racing_on_slurm_makes_the_local_decisions_with_each_level_a_job(tmp_pat
     assert [s for s in scripts if '/race/' in s] == [f'round01/race/race-{stage}-n{n}.sh' for stage in (2, 4, 8) for n in (5, 8, 10)]
 
 
-def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
-    config = halving_config(tmp_path, seconds=0.3)
+def _kill_while_running(tmp_path, config, job):
+    """Run `config` whole in tmp_path/whole, then in tmp_path/killed with the manager SIGKILLed while the job at `job`
+    (its path in the work directory) runs; (the killed work directory, a function that reruns it to its end)."""
     args = [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir']
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
                                                                     os.environ.get('PYTHONPATH')])))
     subprocess.run(args + [str(tmp_path / 'whole')], env=env, check=True, capture_output=True, timeout=300)
     killed = tmp_path / 'killed'
     proc = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    script, status = killed / 'round01' / 'a3_b0.1.to4.sh', killed / 'round01' / 'a3_b0.1.to4.status'   # second rung
+    script, status = killed / f'{job}.sh', killed / f'{job}.status'
     deadline = time.time() + 120
     while not (script.exists() and not status.exists()) and time.time() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.kill()
     proc.wait()
+    return killed, lambda: subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
+
+
+def test_a_kill_during_a_rung_resumes_to_the_same_decisions(tmp_path):
+    killed, resume = _kill_while_running(tmp_path, halving_config(tmp_path, seconds=0.3), 'round01/a3_b0.1.to4')   # second rung
     assert read_manifest(killed)['rounds'][0]['rungs'][0]['step'] == 2 and len(read_manifest(killed)['rounds'][0]['rungs']) == 1
-    subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
+    resume()
     assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
 
 
 def test_a_kill_during_a_race_level_resumes_to_the_same_decisions(tmp_path):
-    config = halving_config(tmp_path, evaluate=RACING)
-    args = [sys.executable, '-m', 'ddo_patch.cli', 'rounds', 'run', config, '--workdir']
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
-                                                                    os.environ.get('PYTHONPATH')])))
-    subprocess.run(args + [str(tmp_path / 'whole')], env=env, check=True, capture_output=True, timeout=300)
-    killed = tmp_path / 'killed'
-    proc = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    level = killed / 'round01' / 'race' / 'race-4-n8'   # the second rung's second level
-    deadline = time.time() + 120
-    while not (level.with_suffix('.sh').exists() and not level.with_suffix('.status').exists()) and time.time() < deadline:
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait()
+    killed, resume = _kill_while_running(tmp_path, halving_config(tmp_path, evaluate=RACING), 'round01/race/race-4-n8')
     levels = [(lv['stage'], lv['samples']) for lv in read_manifest(killed)['rounds'][0]['race']['levels']]
-    assert levels == [(2, 5), (2, 8), (2, 10), (4, 5)]
-    subprocess.run(args + [str(killed)], env=env, check=True, capture_output=True, timeout=300)
+    assert levels == [(2, 5), (2, 8), (2, 10), (4, 5)]   # killed in the second rung's second level
+    resume()
     assert comparable(read_manifest(killed)) == comparable(read_manifest(tmp_path / 'whole'))
 
 
