@@ -1,8 +1,11 @@
 """Click parameter types shared by the edm2_ext command lines (importable without an EDM2 checkout)."""
 
+import os
+
 import click
 
 from ddo_patch.errors import DDOPatchError
+from ddo_patch.precision import MODES
 from ddo_patch.sizes import parse_nimg
 from ddo_patch.seeds import parse_seeds
 
@@ -37,3 +40,13 @@ FLOAT_LIST = _Parsed('list', _number_list(float))
 
 edm2_root = click.option('--edm2-root', metavar='DIR', default=None,
                          help='NVlabs/edm2 checkout.  [default: $EDM2_ROOT, else the `ddo-patch fetch edm2` cache]')
+
+
+# Precision modes measured to keep >= 90 % of fp32's FID gain in benchmarks/digits_precision.py (docs/edm2.md);
+# DDO_PATCH_PRECISION_STUDY=1 offers every mode, to measure them.
+MEASURED_SAFE = ('fp32', 'tf32', 'bf16', 'fp16')
+
+
+def offered_precisions() -> tuple:
+    """What `edm2_ext.train --precision` accepts."""
+    return MODES if os.environ.get('DDO_PATCH_PRECISION_STUDY') == '1' else MEASURED_SAFE

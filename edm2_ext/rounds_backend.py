@@ -18,7 +18,7 @@ from ddo_patch.errors import DDOPatchError
 from ddo_patch.rounds.backend import Backend, Command, ReferenceSamples, json_lines, latest_per_step, option_args
 from ddo_patch.rounds.manifest import read_json
 from ddo_patch.seeds import parse_seeds, seed_range
-from edm2_ext import run_files
+from edm2_ext import options, run_files
 
 FLAGS_AS_NAMED = ('P_mean', 'P_std')   # EDM2's own spelling; every other option is --name-with-dashes
 
@@ -47,7 +47,12 @@ class RoundsBackend(Backend):
         if cfg.duration % cfg.eval_every:
             raise cfg.error(f'run.duration {cfg.duration} must be a multiple of run.eval_every {cfg.eval_every}, '
                             f'so that the last step is evaluated')
-        if any(str(options.get('checkpoint', 1)) in ('0', '0Ki', '0Mi') for options in
+        offered = options.offered_precisions()
+        for values in [cfg.train] + [values for _, values in cfg.overrides] + [cfg.control.get('options', {})]:
+            if 'precision' in values and values['precision'] not in offered:
+                raise cfg.error(f'train.precision must be one of {", ".join(offered)} (the modes measured to keep DDO\'s gain, '
+                                f'docs/edm2.md), got {values["precision"]!r}')
+        if any(str(values.get('checkpoint', 1)) in ('0', '0Ki', '0Mi') for values in
                [cfg.train] + [values for _, values in cfg.overrides]):
             raise cfg.error('train.checkpoint must not be 0: the manager resumes runs from their checkpoints')
         count, first = self._reference_seed_plan()

@@ -30,18 +30,9 @@ from ddo_patch import upstream
 from ddo_patch.distributed import barrier, device_for_this_rank, run_entry_point
 from ddo_patch.errors import DDOPatchError, exit_on_user_error
 from ddo_patch.losses import OBJECTIVES, check_hyperparameters
-from ddo_patch.precision import MODES, Precision
+from ddo_patch.precision import Precision
 from ddo_patch.preemption import EXIT_INTERRUPTED, Interrupted, StopRequest
 from edm2_ext import options, presets, run_files
-
-
-# Precision modes measured to keep >= 90 % of fp32's FID gain in benchmarks/digits_precision.py (docs/edm2.md);
-# DDO_PATCH_PRECISION_STUDY=1 offers every mode, to measure them.
-MEASURED_SAFE = ('fp32', 'tf32', 'bf16', 'fp16')
-
-
-def offered_precisions() -> tuple:
-    return MODES if os.environ.get('DDO_PATCH_PRECISION_STUDY') == '1' else MEASURED_SAFE
 
 
 def check_intervals(c, world_size):
@@ -158,7 +149,7 @@ def launch_training(run_dir, c, device, max_nonfinite=20):
 @click.option('--checkpoint', metavar='NIMG', type=options.NIMG, default=None, help='Interval of training-state checkpoints.  [default: preset]')
 @click.option('--slice', 'slice_nimg', metavar='NIMG', type=options.NIMG, default=0, show_default=True, help='Stop after this many images (rounded to checkpoints); 0 = run to the end.')
 @click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Random seed.')
-@click.option('--precision', type=click.Choice(offered_precisions()), default='fp32', show_default=True,
+@click.option('--precision', type=click.Choice(options.offered_precisions()), default='fp32', show_default=True,
               help='Numerical precision of the step (ddo_patch.precision): fp32 as the paper; the others offered kept >= 90% of '
                    'its gain on the digits benchmark (docs/edm2.md).')
 @click.option('--max-nonfinite', metavar='INT', type=click.IntRange(min=0), default=20, show_default=True,

@@ -81,6 +81,7 @@ def edm2_config(files, **changes):
     (dict(evaluate__policy='racing', evaluate__race_samples=[8, 100], evaluate__race_groups=10),
      "evaluate.race_groups (jackknife groups) must be an integer from 2 to the first level's 8 samples, got 10"),
     (dict(sweep__policy='random'), 'sweep.policy = "random" needs sweep.count, an integer >= 1, got None'),
+    (dict(train__precision='fp8'), "train.precision must be one of fp32, "),
     (dict(sweep__count=2), 'sweep.count and sweep.seed are for policy = "random"'),
     (dict(sweep__policy='random', sweep__count=1, sweep__rungs=['1Ki']), 'sweep.rungs and sweep.keep are for policy = "halving"'),
 ])
