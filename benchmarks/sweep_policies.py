@@ -178,7 +178,7 @@ def main():
     noise_fid = cache.get(f'report {bench.sample_key(out, dict(path=pretrained))} seeds 200000 {REPORT}',
                           lambda: ev.evaluate(pretrained, bench.seed_list(200_000, REPORT)))['fid']
 
-    bench.log('calibration of the bootstrap against disjoint seed sets')
+    bench.log('calibration of racing\'s uncertainty against disjoint seed sets')
     chain = bench.chosen_models(out, results[('grid', 1)]['manifest'], pretrained, results[('grid', 1)]['workdir'])
     models = {'MLE': pretrained, 'grid s1 round 1': chain[0][1], 'grid s1 round 2': chain[1][1]}
     calib = cache.get(f'racing calibration jackknife {" ".join(os.path.relpath(p, out) for p in models.values())} {CALIBRATION_SETS}',
