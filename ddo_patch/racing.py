@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import scipy.linalg
-
 from ddo_patch.errors import DDOPatchError
+
+# numpy and scipy are imported where they are used: the round manager imports this module, and a manager restarted
+# after a crash must start fast enough to stop the job it left running before that job ends on its own.
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_GROUPS = 10
@@ -33,6 +33,7 @@ DEFAULT_GROUPS = 10
 def jackknife_groups(n: int, groups: int) -> list:
     """The level's n seed positions in `groups` groups: a random partition fixed by n, so every job that races at n
     samples uses the same one (seeds are class-balanced in order; a random partition keeps each group mixed)."""
+    import numpy as np
     if not 2 <= groups <= n:
         raise DDOPatchError(f'a race level of {n} samples cannot be split into {groups} jackknife groups (2 to {n})')
     return np.array_split(np.random.default_rng(n).permutation(n), groups)
@@ -42,6 +43,8 @@ def frechet_to_reference(features: np.ndarray, mu_ref, sigma_ref, groups: list) 
     """(Frechet distance of the features [n, D] to the reference statistics, that distance without each group of
     `groups`). Tr (S R)^(1/2) is taken as the sum of the square roots of the eigenvalues of R^(1/2) S R^(1/2), with
     R^(1/2) computed once: one symmetric eigendecomposition per group."""
+    import numpy as np
+    import scipy.linalg
     features = np.asarray(features, dtype=np.float64)
     mu_ref, sigma_ref = np.asarray(mu_ref, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)
     if features.ndim != 2 or features.shape[1] != mu_ref.shape[0]:
@@ -62,6 +65,7 @@ def frechet_to_reference(features: np.ndarray, mu_ref, sigma_ref, groups: list) 
 def beat_probability(score, leave_out, leader_score, leader_leave_out) -> float:
     """P(a competitor beats the leader): Phi(-d / se), d the difference of their scores, se the paired grouped
     jackknife's standard error of d (both scored without the same groups)."""
+    import numpy as np
     d_groups = np.asarray(leave_out, dtype=float) - np.asarray(leader_leave_out, dtype=float)
     se = math.sqrt((len(d_groups) - 1) / len(d_groups) * float(np.square(d_groups - d_groups.mean()).sum()))
     d = score - leader_score
