@@ -5,7 +5,6 @@ import os
 import click
 
 from ddo_patch.errors import DDOPatchError
-from ddo_patch.precision import MODES
 from ddo_patch.sizes import parse_nimg
 from ddo_patch.seeds import parse_seeds
 
@@ -48,5 +47,9 @@ MEASURED_SAFE = ('fp32', 'tf32', 'bf16', 'fp16')
 
 
 def offered_precisions() -> tuple:
-    """What `edm2_ext.train --precision` accepts."""
-    return MODES if os.environ.get('DDO_PATCH_PRECISION_STUDY') == '1' else MEASURED_SAFE
+    """What `edm2_ext.train --precision` accepts (the round manager checks configs with it: torch is imported only
+    for a study, so that a restarted manager starts fast)."""
+    if os.environ.get('DDO_PATCH_PRECISION_STUDY') == '1':
+        from ddo_patch.precision import MODES
+        return MODES
+    return MEASURED_SAFE
