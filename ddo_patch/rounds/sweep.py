@@ -65,8 +65,12 @@ def survivors(best_scores: dict, count: int) -> list:
 def run_cost(backend, run) -> float:
     """MLE-image equivalents of one run (a sweep point, or the control, whose images cost one each): its training
     images and the samples its evaluations generated (with racing, each snapshot's samples)."""
-    image_cost = 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
-    return run['images'] * image_cost + run_evaluation_samples(backend, run) * backend.sample_cost('select')
+    return run['images'] * _image_cost(backend, run) + run_evaluation_samples(backend, run) * backend.sample_cost('select')
+
+
+def _image_cost(backend, run) -> float:
+    """MLE-image equivalents of one of the run's training images (the control's MLE images cost one each)."""
+    return 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
 
 
 def run_evaluation_samples(backend, run) -> int:
@@ -107,7 +111,7 @@ def stage_costs(backend, record, steps) -> dict:
     if record.get('control'):
         costs['end'] += run_cost(backend, record['control'])
     for run in record['runs']:
-        image_cost = 1.0 if run.get('objective') == 'mle' else backend.ddo_image_cost
+        image_cost = _image_cost(backend, run)
         reached = run.get('stopped_at') or steps[-1]
         for name, begin, end in zip(names[1:-1], [0] + list(steps), steps):
             if begin < reached:
